@@ -1,0 +1,9 @@
+"""Errors vqcore raises for bad user input: each message names the file, input or tensor shape at fault."""
+
+
+class VQCoreError(ValueError):
+    """Bad input: a file, an argument or a tensor that vqcore cannot use."""
+
+
+class CheckpointError(VQCoreError):
+    """A checkpoint file or folder that cannot be read or does not hold the expected model."""
