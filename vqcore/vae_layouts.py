@@ -342,8 +342,8 @@ def apply_family(config: dict, family: str, source) -> dict:
         latent = constants.pop("latent_channels")
         if config.get("_class_name") != "AutoencoderKL" or config.get("latent_channels") != latent:
             raise CheckpointError(
-                f"{source}: family {family!r} is a KL autoencoder with {latent} latent channels, but the file holds a "
-                f"{config.get('_class_name')} with {config.get('latent_channels')} latent channels"
+                f"{source}: family {family!r} is a KL autoencoder with {latent} latent channels; the file holds "
+                f"{config.get('_class_name')} weights with {config.get('latent_channels')} latent channels"
             )
         return {**config, **constants}
     if family in VQ_FAMILIES:

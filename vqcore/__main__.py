@@ -1,0 +1,125 @@
+"""Command line: `python -m vqcore <command> ...`.
+
+    python -m vqcore demo-models DIR                  tiny seeded demo models in every supported checkpoint format
+    python -m vqcore roundtrip MODEL [IMAGE] OUT.png  encode (VQ: and quantize) an image, decode it, save the PNG
+
+Each command is an `add_<name>_command(subparsers)` function that registers its arguments and sets `run`.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import VQCoreError
+
+
+def add_demo_models_command(subparsers):
+    parser = subparsers.add_parser("demo-models", help="write seeded tiny demo models (ComfyUI models-folder layout)")
+    parser.add_argument("directory", type=Path, help="models folder to write into (vae/, vq_models/, checkpoints/, diffusers/)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(run=run_demo_models)
+
+
+def run_demo_models(args):
+    from .demo import write_demo_models
+
+    for path in write_demo_models(args.directory, args.seed):
+        print(path)
+
+
+def add_roundtrip_command(subparsers):
+    from .vae_layouts import FAMILY_NAMES
+
+    parser = subparsers.add_parser(
+        "roundtrip",
+        help="encode and decode an image through a VAE / VQ model file or diffusers folder, save the result as PNG",
+        description="Images whose sides are not multiples of the model's downscale factor are cropped at the right "
+        "and bottom edges to the nearest smaller multiple.",
+    )
+    parser.add_argument("model", type=Path, help="single weight file or diffusers folder")
+    parser.add_argument("images", type=Path, nargs="+", metavar="[INPUT_IMAGE] OUTPUT_PNG",
+                        help="input image (optional: a generated test pattern otherwise) and the PNG to write")
+    parser.add_argument("--family", default="auto", choices=FAMILY_NAMES, help="latent constants for KL VAEs (default: guess)")
+    parser.add_argument("--device", default=None, help="cuda, mps, cpu, ... (default: best available)")
+    parser.add_argument("--dtype", default=None, choices=["auto", "fp32", "fp16", "bf16"], help="default fp32")
+    parser.add_argument("--variant", default=None, help="weight variant of a diffusers folder, e.g. fp16")
+    parser.add_argument("--size", type=int, default=256, help="side of the generated test pattern (default 256)")
+    parser.set_defaults(run=run_roundtrip)
+
+
+def run_roundtrip(args):
+    from .loading import load_autoencoder
+
+    if len(args.images) > 2:
+        raise VQCoreError(f"roundtrip takes at most an input image and an output PNG; got {len(args.images)} paths")
+    source, output = args.images if len(args.images) == 2 else (None, args.images[0])
+    model = load_autoencoder(args.model, device=args.device, dtype=args.dtype, family=args.family, variant=args.variant)
+    image = read_image(source) if source else test_pattern(args.size)
+    image = crop_to_multiple(image, model.downscale_factor)
+    x = torch.from_numpy(image).to(model.device, model.dtype).permute(2, 0, 1)[None] / 127.5 - 1
+    with torch.inference_mode():
+        if hasattr(model, "quantize"):
+            z_q, _, indices = model.quantize(model.encode(x))
+            y = model.decode(z_q, force_not_quantize=True)
+            summary = f"VQ, {tuple(indices.shape[1:])} tokens, {indices.unique().numel()} of {model.num_embeddings} codes used"
+        else:
+            latents = model.encode(x).mode()
+            y = model.decode(latents)
+            summary = f"KL, latents {tuple(latents.shape[1:])}, scaling_factor {model.config['scaling_factor']}"
+    pixels = ((y[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(output, format="PNG")
+    print(f"{args.model}: {summary}; {image.shape[1]}x{image.shape[0]} image -> {output}")
+
+
+def read_image(path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"))
+    except OSError as e:
+        raise VQCoreError(f"{path}: not a readable image: {e}") from e
+
+
+def test_pattern(size) -> np.ndarray:
+    """Colour gradients, a disc and a checkerboard corner: smooth areas, a curved edge and fine detail."""
+    y, x = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+    disc = (x - 0.6) ** 2 + (y - 0.45) ** 2 < 0.08
+    checker = ((np.mgrid[0:size, 0:size] // 4).sum(0) % 2 == 0) & (x < 0.3) & (y > 0.7)
+    rgb = np.stack([x, y, 1 - x * y], axis=-1)
+    rgb[disc] = (0.95, 0.8, 0.1)
+    rgb[checker] = (1.0, 1.0, 1.0)
+    return (rgb * 255).round().astype(np.uint8)
+
+
+def crop_to_multiple(image, factor) -> np.ndarray:
+    height, width = image.shape[0] // factor * factor, image.shape[1] // factor * factor
+    if height == 0 or width == 0:
+        raise VQCoreError(f"image of {image.shape[1]}x{image.shape[0]} pixels is smaller than the model's downscale factor {factor}")
+    if (height, width) != image.shape[:2]:
+        print(f"cropping {image.shape[1]}x{image.shape[0]} to {width}x{height} (multiple of {factor})", file=sys.stderr)
+    return np.ascontiguousarray(image[:height, :width])
+
+
+COMMANDS = [add_demo_models_command, add_roundtrip_command]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m vqcore", description="vqcore autoencoder and VQ-Diffusion tools")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for add_command in COMMANDS:
+        add_command(subparsers)
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except VQCoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Seeded tiny demo models in every checkpoint layout vqcore loads, written into ComfyUI's models-folder layout.
+
+The weights are random (same seed, same files); the shapes are shrunk but keep each family's structure: attention
+inside the last level, spatial decoder norms (MoVQ), 16 latent channels without quant convs (Flux/SD3),
+vq_embed_dim != latent_channels (VQ-Diffusion), training-only keys beside the weights, and each family's wrapper and
+key names. They exist so that the loaders, nodes and CLI can be exercised on a fresh machine without downloads.
+"""
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .autoencoder_kl import AutoencoderKL
+from .vae_layouts import KL_FAMILIES, to_ldm_names
+from .vq_model import VQModel
+
+DOWN, ATTN_DOWN, UP, ATTN_UP = "DownEncoderBlock2D", "AttnDownEncoderBlock2D", "UpDecoderBlock2D", "AttnUpDecoderBlock2D"
+
+
+def _blocks(levels, attention_in_last_level):
+    down, up = [DOWN] * levels, [UP] * levels
+    if attention_in_last_level:
+        down[-1], up[0] = ATTN_DOWN, ATTN_UP  # diffusers runs the decoder deepest level first
+    return {"down_block_types": down, "up_block_types": up}
+
+
+def _kl(family, channels, **extra):
+    return {"block_out_channels": channels, "layers_per_block": 1, **_blocks(len(channels), False), **KL_FAMILIES[family], **extra}
+
+
+def _vq(channels, latent, embed_dim, codes, attention=True, **extra):
+    return {"block_out_channels": channels, "layers_per_block": 1, "latent_channels": latent, "vq_embed_dim": embed_dim,
+            "num_vq_embeddings": codes, **_blocks(len(channels), attention), **extra}
+
+
+# name -> (class, config). Channels are multiples of 32: shape inference assumes 32 GroupNorm groups, as in every
+# published checkpoint.
+DEMO_CONFIGS = {
+    "sd": (AutoencoderKL, _kl("sd1", [32, 64])),
+    "sdxl": (AutoencoderKL, _kl("sdxl", [32, 64])),
+    "flux": (AutoencoderKL, _kl("flux", [32, 64], use_quant_conv=False, use_post_quant_conv=False)),
+    "sd3": (AutoencoderKL, _kl("sd3", [32, 64], use_quant_conv=False, use_post_quant_conv=False)),
+    "vq-f4": (VQModel, _vq([32, 64, 64], 3, 3, 64, attention=False)),
+    "vq-f8": (VQModel, _vq([32, 32, 64, 64], 4, 4, 64)),
+    "vq-f16": (VQModel, _vq([32, 32, 64, 64, 64], 8, 8, 64)),
+    "movq": (VQModel, _vq([32, 32, 64, 64], 4, 4, 64, norm_type="spatial")),
+    "ithq": (VQModel, _vq([32, 32, 64, 64], 64, 32, 128)),
+}
+
+# Tiny stand-ins for what full checkpoints hold beside the VAE, with the key names loaders look at.
+SD1_NEIGHBOURS = ("model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.transformer.text_model.final_layer_norm.weight")
+SD3_NEIGHBOURS = ("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight")
+
+
+def write_demo_models(root, seed=0) -> list:
+    """Writes every demo file under `root` (vae/, vq_models/, checkpoints/, diffusers/) and returns their paths."""
+    root = Path(root)
+    with torch.random.fork_rng(devices=[]):
+        models = {}
+        for offset, (name, (cls, config)) in enumerate(DEMO_CONFIGS.items()):
+            torch.manual_seed(seed + offset)
+            models[name] = cls(**config)
+        written = [
+            _safetensors(root / "vae/demo-sd-vae.safetensors", to_ldm_names(_weights(models["sd"]))),
+            _safetensors(root / "vae/demo-sdxl-vae.safetensors", to_ldm_names(_weights(models["sdxl"], torch.float16))),
+            _safetensors(root / "vae/demo-flux-ae.safetensors", to_ldm_names(_weights(models["flux"]))),
+            _safetensors(root / "vae/demo-sd-vae-diffusers-keys.safetensors", _weights(models["sd"])),
+            _torch(root / "checkpoints/demo-sd15-checkpoint.ckpt", {"state_dict": _full_checkpoint(models["sd"], SD1_NEIGHBOURS)}),
+            _safetensors(root / "checkpoints/demo-sd3-checkpoint.safetensors", _full_checkpoint(models["sd3"], SD3_NEIGHBOURS)),
+            _torch(root / "vq_models/demo-vq-f4.ckpt", {"state_dict": _taming_training_checkpoint(models["vq-f4"])}),
+            _safetensors(root / "vq_models/demo-vq-f8.safetensors", to_ldm_names(_weights(models["vq-f8"]))),
+            _safetensors(root / "vq_models/demo-vq-f16.safetensors", to_ldm_names(_weights(models["vq-f16"]))),
+            _safetensors(root / "vq_models/demo-movq.safetensors", to_ldm_names(_weights(models["movq"]))),
+            _safetensors(root / "vq_models/demo-movq-diffusers-keys.safetensors", _prefixed("vae.", _weights(models["movq"]))),
+            _torch(root / "vq_models/demo-ithq-vqvae.pth", {"model": _patch_vqgan(models["ithq"])}),
+            *_diffusers_folder(root / "diffusers/demo-sd-vae", models["sd"], fp16_variant=True),
+            *_diffusers_folder(root / "diffusers/demo-ithq-vqvae", models["ithq"], fp16_variant=True, old_attention_names=True),
+        ]
+    # The VQ-Diffusion demo pipeline (transformer, text encoder, tokenizer, VQ-VAE) is written by its own module.
+    if importlib.util.find_spec(f"{__package__}.vq_diffusion") is not None:
+        from .vq_diffusion import write_demo_vq_diffusion
+
+        folder = root / "diffusers/vq-diffusion-demo"
+        write_demo_vq_diffusion(folder, seed)
+        written.append(folder)
+    return written
+
+
+def _weights(model, dtype=torch.float32):
+    return {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+
+
+def _prefixed(prefix, state):
+    return {prefix + k: v for k, v in state.items()}
+
+
+def _full_checkpoint(model, neighbour_keys):
+    """An SD-style checkpoint: the VAE under first_stage_model. beside (tiny) UNet and text-encoder tensors."""
+    neighbours = {key: torch.randn(8, 8) for key in neighbour_keys}
+    return {**neighbours, **_prefixed("first_stage_model.", to_ldm_names(_weights(model)))}
+
+
+def _taming_training_checkpoint(model):
+    """taming-transformers' training state: discriminator/LPIPS weights under loss.* and the remap index buffer."""
+    state = to_ldm_names(_weights(model))
+    state["loss.discriminator.main.0.weight"] = torch.randn(8, 3, 4, 4)
+    state["loss.perceptual_loss.lin0.model.1.weight"] = torch.randn(1, 8, 1, 1)
+    state["quantize.used"] = torch.arange(model.num_embeddings)
+    return state
+
+
+def _patch_vqgan(model):
+    """VQ-Diffusion's PatchVQGAN: taming names, the codebook as a raw tensor, EMA codebook statistics."""
+    state = to_ldm_names(_weights(model))
+    codebook = state.pop("quantize.embedding.weight")
+    state["quantize.embedding"] = codebook
+    state["quantize.cluster_size"] = torch.ones(codebook.shape[0])
+    state["quantize.embedding_avg"] = codebook.clone()
+    return state
+
+
+def _old_attention_names(state):
+    """diffusers < 0.14 attention names, as in the fp32 .bin of microsoft/vq-diffusion-ithq."""
+    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    pattern = re.compile(r"(\.attentions\.\d+\.)(to_q|to_k|to_v|to_out\.0)\.")
+    return {pattern.sub(lambda m: f"{m[1]}{old[m[2]]}.", key): tensor for key, tensor in state.items()}
+
+
+def _diffusers_folder(folder, model, fp16_variant=False, old_attention_names=False):
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"_class_name": type(model).__name__, **model.config}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    state = _weights(model)
+    if old_attention_names:  # the ithq layout: fp32 only as a pickled .bin with old names, fp16 as safetensors
+        files = [_torch(folder / "diffusion_pytorch_model.bin", _old_attention_names(state))]
+    else:
+        files = [_safetensors(folder / "diffusion_pytorch_model.safetensors", state)]
+    if fp16_variant:
+        files.append(_safetensors(folder / "diffusion_pytorch_model.fp16.safetensors", _weights(model, torch.float16)))
+    return [folder / "config.json", *files]
+
+
+def _safetensors(path, state):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+    return path
+
+
+def _torch(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(obj, path)
+    return path
