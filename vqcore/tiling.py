@@ -1,0 +1,605 @@
+"""Seamless tiled VAE decode and encode: the tiled result equals the full decode/encode, not a blend of tiles.
+
+Why ordinary tiling shows seams: every GroupNorm in the autoencoder normalises with the mean and variance of the
+*whole* feature map. Decoding tiles independently (and cross-fading them, as diffusers' and ComfyUI's tiled decoders
+do) normalises each tile with its own statistics, so tiles differ in tone and the blend only hides the edges.
+
+Design: the network is cut into *segments*, each the chain of local operations between two normalisations:
+GroupNorm/SpatialNorm with known statistics -> activation -> 3x3 conv -> (+ residual, 1x1 convs, nearest x2
+upsampling, LDM's pad-right-bottom stride-2 downsampling) -> up to the next norm. A segment is run tile by tile:
+
+* The tile grid is laid on the segment's output; for every tile the region each operation needs is worked out
+  backwards from the tile's core (3x3 conv: one pixel each side; nearest x2: half the region, rounded outwards;
+  stride-2 downsampling: from 2*start, so the stride stays aligned with the full map). The input region is read,
+  each operation's result is cropped to exactly what the next one needs, and only the core is kept. Zero padding is
+  applied only at the true image border, so every core value equals the full-map value.
+* The core is written into the segment's output map, kept on the offload device (CPU by default) in horizontal
+  bands, one per tile row. While the cores are written, the statistics the next norm needs (per group sum and sum of
+  squares, accumulated in float64) are gathered from them; each pixel is counted once.
+* The next segment then normalises with those global statistics, so each norm sees exactly what the full pass sees.
+* Maps are freed as soon as no later segment reads them, and within their last segment band by band as the tile rows
+  pass, so the offload device holds little more than one segment's input and output.
+* Self-attention (mid block, and the attention levels some models have) mixes all pixels, so it is computed globally
+  at its resolution: keys and values of the whole map are gathered tile by tile on the compute device, then each
+  tile's queries attend to them with scaled_dot_product_attention (PyTorch's memory-efficient kernels).
+* SpatialNorm (MoVQ) is GroupNorm with global statistics, times conv_y(zq) plus conv_b(zq), where zq, the codebook
+  output at latent resolution, is nearest-upsampled per tile exactly as F.interpolate does for the whole map.
+
+The compute device holds about one tile (plus, during attention, the keys and values at that resolution). Tile size
+in output pixels (decode) or input pixels (encode) is the one knob; at a level 2**k times smaller the tiles are
+tile_size / 2**k pixels. Batches are processed one image at a time.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .autoencoder import check_input
+from .autoencoder_kl import DiagonalGaussian
+from .errors import VQCoreError
+
+MIN_TILE_LATENTS = 4  # smallest tile, in latent pixels: below this the halos cost more than the tiles
+
+
+class TilingCancelled(RuntimeError):
+    """should_cancel() returned True between two tiles."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Regions are (top, bottom, left, right) with exclusive ends, in the coordinates of one feature map of size (H, W).
+
+
+def crop(x, have, want):
+    """x covers region `have`; return the part covering `want` (a sub-region)."""
+    return x[..., want[0] - have[0]:want[1] - have[0], want[2] - have[2]:want[3] - have[2]]
+
+
+class Conv3x3:
+    """3x3 convolution, stride 1, zero padding 1."""
+
+    def __init__(self, conv):
+        if conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.padding != (1, 1):
+            raise VQCoreError(f"tiling supports 3x3 stride-1 pad-1 convolutions here; got {conv}")
+        self.conv = conv
+
+    def out_size(self, size):
+        return size
+
+    def need(self, want, size):
+        return max(want[0] - 1, 0), min(want[1] + 1, size[0]), max(want[2] - 1, 0), min(want[3] + 1, size[1])
+
+    def run(self, x, have, want, size, ctx):
+        # Pad with zeros only where the region touches the image border; elsewhere the halo holds real pixels.
+        pad = (int(have[2] == 0), int(have[3] == size[1]), int(have[0] == 0), int(have[1] == size[0]))
+        y = F.conv2d(F.pad(x, pad) if any(pad) else x, self.conv.weight, self.conv.bias)
+        got = (have[0] + 1 - pad[2], have[1] - 1 + pad[3], have[2] + 1 - pad[0], have[3] - 1 + pad[1])
+        return crop(y, got, want)
+
+
+class Upsample2x:
+    """Nearest-neighbour x2 upsampling."""
+
+    def out_size(self, size):
+        return 2 * size[0], 2 * size[1]
+
+    def need(self, want, size):
+        return want[0] // 2, (want[1] + 1) // 2, want[2] // 2, (want[3] + 1) // 2
+
+    def run(self, x, have, want, size, ctx):
+        y = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return crop(y, tuple(2 * v for v in have), want)
+
+
+class Downsample2x:
+    """LDM downsampling: pad one zero row/column at the bottom/right, then a 3x3 stride-2 convolution."""
+
+    def __init__(self, conv):
+        if conv.kernel_size != (3, 3) or conv.stride != (2, 2) or conv.padding != (0, 0):
+            raise VQCoreError(f"tiling supports 3x3 stride-2 pad-0 downsampling convolutions; got {conv}")
+        self.conv = conv
+
+    def out_size(self, size):
+        return size[0] // 2, size[1] // 2
+
+    def need(self, want, size):
+        # Output pixel i reads padded rows 2i..2i+2; starting at an even row keeps the stride aligned with the full map.
+        return 2 * want[0], min(2 * want[1] + 1, size[0]), 2 * want[2], min(2 * want[3] + 1, size[1])
+
+    def run(self, x, have, want, size, ctx):
+        pad = (0, int(have[3] == size[1]), 0, int(have[1] == size[0]))
+        y = F.conv2d(F.pad(x, pad) if any(pad) else x, self.conv.weight, self.conv.bias, stride=2)
+        top, left = have[0] // 2, have[2] // 2
+        return crop(y, (top, top + y.shape[-2], left, left + y.shape[-1]), want)
+
+
+class Pointwise:
+    """Any per-pixel operation: activation, 1x1 convolution. The input is a fresh tensor, so in-place is fine."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def out_size(self, size):
+        return size
+
+    def need(self, want, size):
+        return want
+
+    def run(self, x, have, want, size, ctx):
+        return self.fn(x)
+
+
+class AddResidual(Pointwise):
+    """x + shortcut(residual map), the residual read at the same pixels (through a 1x1 conv when channels change)."""
+
+    def __init__(self, source, shortcut=None):
+        self.source, self.shortcut = source, shortcut
+
+    def run(self, x, have, want, size, ctx):
+        residual = ctx.read(self.source, have)
+        return x.add_(residual if self.shortcut is None else self.shortcut(residual))
+
+
+def group_norm_of(norm):
+    """The GroupNorm inside a norm layer (SpatialNorm wraps one as norm_layer)."""
+    return getattr(norm, "norm_layer", norm)
+
+
+class Normalise(Pointwise):
+    """GroupNorm or SpatialNorm of map `source` with the statistics gathered over the whole map."""
+
+    def __init__(self, norm, source, zq=None):
+        self.norm, self.source = norm, source
+        self.spatial = hasattr(norm, "norm_layer")
+        self.zq = zq if self.spatial else None
+        if self.spatial and zq is None:
+            raise VQCoreError("a spatial-norm (MoVQ) decoder needs the quantized latents zq")
+
+    def run(self, x, have, want, size, ctx):
+        scale, shift = ctx.affine(self)
+        y = torch.addcmul(shift, x, scale)
+        if self.spatial:
+            zq = ctx.read_nearest(self.zq, have, size)
+            y = y.mul_(self.norm.conv_y(zq)).add_(self.norm.conv_b(zq))
+        return y
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Feature maps on the offload device and the statistics gathered from them.
+
+
+class StageMap:
+    """A (1, C, H, W) map stored as horizontal bands, so the rows no later tile needs can be freed early."""
+
+    def __init__(self, bands, size):
+        self.bands = bands  # [top, bottom, tensor or None (freed)]
+        self.size = size
+
+    @classmethod
+    def wrap(cls, tensor):
+        return cls([[0, tensor.shape[-2], tensor]], tuple(tensor.shape[-2:]))
+
+    @classmethod
+    def empty(cls, channels, size, band_rows, device, dtype):
+        bands = [[top, bottom, torch.empty(1, channels, bottom - top, size[1], device=device, dtype=dtype)]
+                 for top, bottom in band_rows]
+        return cls(bands, size)
+
+    def read(self, region, device, dtype):
+        top, bottom, left, right = region
+        parts = [band[..., max(top, b0) - b0:min(bottom, b1) - b0, left:right]
+                 for b0, b1, band in self.bands if b0 < bottom and top < b1]
+        if any(part is None for part in parts):
+            raise RuntimeError("tiling read a band that was already freed")  # a scheduling bug, not bad input
+        tile = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+        return tile.to(device=device, dtype=dtype)
+
+    def write(self, region, tile):
+        for b0, b1, band in self.bands:
+            if b0 <= region[0] < b1:
+                band[..., region[0] - b0:region[1] - b0, region[2]:region[3]].copy_(tile)
+                return
+
+    def free_above(self, row):
+        """Free the bands that end at or above `row`."""
+        for band in self.bands:
+            if band[1] <= row:
+                band[2] = None
+
+    def tensor(self):
+        return torch.cat([band for _, _, band in self.bands], dim=-2)
+
+
+class GroupStats:
+    """Per-group sum and sum of squares in float64, accumulated from tile cores."""
+
+    def __init__(self, groups):
+        self.groups = groups
+        self.sum = self.sum_sq = 0.0
+        self.count = 0
+
+    def add(self, core):
+        x = core.to(torch.float64).reshape(self.groups, -1)
+        self.sum = self.sum + x.sum(dim=1)
+        self.sum_sq = self.sum_sq + x.square().sum(dim=1)
+        self.count += x.shape[1]
+
+    def mean_var(self):
+        mean = self.sum / self.count
+        return mean, (self.sum_sq / self.count - mean.square()).clamp_min(0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Segments ("stages") and the programs for the encoder and decoder.
+
+
+def tile_grid(size, tile):
+    """Tile cores, row by row."""
+    return [[(top, min(top + tile, size[0]), left, min(left + tile, size[1])) for left in range(0, size[1], tile)]
+            for top in range(0, size[0], tile)]
+
+
+class Stage:
+    """A chain of local operations from map `source` to map `output`, run tile by tile."""
+
+    def __init__(self, source, ops, sizes, output, level):
+        self.source, self.ops, self.sizes, self.output, self.level = source, ops, sizes, output, level
+        self.channels = None  # known once the first tile has run
+        self.passes = 1
+
+    @property
+    def reads(self):
+        return [self.source] + [op.source for op in self.ops if isinstance(op, (AddResidual, Normalise))] + \
+            [op.zq for op in self.ops if isinstance(op, Normalise) and op.zq]
+
+    def regions(self, core):
+        """The region each operation needs, worked backwards from the tile core: regions[i] is the input of ops[i]."""
+        regions = [core]
+        for op, size in zip(reversed(self.ops), reversed(self.sizes[:-1])):
+            regions.insert(0, op.need(regions[0], size))
+        return regions
+
+    def first_rows(self, core):
+        """The first row of every tile-grid map this tile reads (rows above it are no longer needed)."""
+        regions = self.regions(core)
+        rows = {self.source: regions[0][0]}
+        for op, region in zip(self.ops, regions):
+            if isinstance(op, AddResidual):
+                rows[op.source] = min(rows.get(op.source, region[0]), region[0])
+        return rows
+
+    def compute(self, ctx, core):
+        regions = self.regions(core)
+        x = ctx.read(self.source, regions[0])
+        for op, have, want, size in zip(self.ops, regions, regions[1:], self.sizes):
+            x = op.run(x, have, want, size, ctx)
+        return x
+
+
+class AttentionStage:
+    """Single-head self-attention with residual over the whole map (keys and values gathered first)."""
+
+    def __init__(self, attn, norm, source, output, size, level):
+        if getattr(attn, "heads", 1) != 1:
+            raise VQCoreError("tiling supports the single-head VAE attention only")
+        self.attn, self.norm, self.source, self.output, self.level = attn, norm, source, output, level
+        self.sizes = [size, size]
+        self.passes = 2
+
+    @property
+    def reads(self):
+        return [self.source] + ([self.norm.zq] if self.norm.zq else [])
+
+    def first_rows(self, core):
+        return {self.source: core[0]}
+
+    def tokens(self, ctx, core):
+        """(residual (1, C, h, w), normalised tokens (1, h*w, C)) of one tile."""
+        x = ctx.read(self.source, core)
+        return x, self.norm.run(x, core, core, self.sizes[0], ctx).flatten(2).transpose(1, 2)
+
+    def gather_keys_values(self, ctx, grid):
+        keys = values = None
+        for core in (core for row in grid for core in row):
+            ctx.tick()
+            _, tokens = self.tokens(ctx, core)
+            k, v = self.attn.to_k(tokens), self.attn.to_v(tokens)
+            if keys is None:
+                h, w = self.sizes[0]
+                keys = k.new_empty(1, h, w, k.shape[-1])
+                values = v.new_empty(1, h, w, v.shape[-1])
+            shape = (1, core[1] - core[0], core[3] - core[2], -1)
+            keys[:, core[0]:core[1], core[2]:core[3]] = k.view(shape)
+            values[:, core[0]:core[1], core[2]:core[3]] = v.view(shape)
+            ctx.done_tile()
+        self.keys, self.values = keys.flatten(1, 2).unsqueeze(1), values.flatten(1, 2).unsqueeze(1)
+
+    def compute(self, ctx, core):
+        x, tokens = self.tokens(ctx, core)
+        q = self.attn.to_q(tokens).unsqueeze(1)
+        out = self.attn.to_out[0](F.scaled_dot_product_attention(q, self.keys, self.values).squeeze(1))
+        return out.transpose(1, 2).reshape(x.shape).add_(x)
+
+    def release(self):
+        self.keys = self.values = None
+
+
+class Program:
+    """Builds the list of stages while walking the model: every norm closes the open segment."""
+
+    def __init__(self, source, size, level):
+        self.stages, self.stats_groups = [], {}
+        self.source, self.size, self.level = source, size, level
+        self.ops, self.sizes = [], [size]
+        self.names = 0
+
+    def new_name(self):
+        self.names += 1
+        return f"map{self.names}"
+
+    def add(self, op):
+        self.ops.append(op)
+        self.size = op.out_size(self.size)
+        self.sizes.append(self.size)
+        if isinstance(op, Upsample2x):
+            self.level -= 1
+        elif isinstance(op, Downsample2x):
+            self.level += 1
+
+    def close(self, groups):
+        """End the open segment; its output gets statistics for a norm with `groups` groups. Returns its name."""
+        if self.ops:
+            output = self.new_name()
+            self.stages.append(Stage(self.source, self.ops, self.sizes, output, self.level))
+            self.source, self.ops, self.sizes = output, [], [self.size]
+        if groups is not None:
+            if self.stats_groups.get(self.source, groups) != groups:
+                raise VQCoreError("tiling: one feature map normalised with two different group counts")
+            self.stats_groups[self.source] = groups
+        return self.source
+
+    def normalise(self, norm, zq):
+        source = self.close(group_norm_of(norm).num_groups)
+        self.add(Normalise(norm, source, zq))
+        return source
+
+    def resnet(self, block, zq):
+        source = self.normalise(block.norm1, zq)
+        self.add(Pointwise(block.act))
+        self.add(Conv3x3(block.conv1))
+        self.normalise(block.norm2, zq)
+        self.add(Pointwise(block.act))
+        self.add(Conv3x3(block.conv2))
+        self.add(AddResidual(source, block.conv_shortcut))
+
+    def attention(self, attn, zq):
+        norm = attn.spatial_norm if hasattr(attn, "spatial_norm") else attn.group_norm
+        source = self.close(group_norm_of(norm).num_groups)
+        output = self.new_name()
+        self.stages.append(AttentionStage(attn, Normalise(norm, source, zq), source, output, self.size, self.level))
+        self.source = output
+
+    def level_blocks(self, level, zq):
+        for i, resnet in enumerate(level.resnets):
+            self.resnet(resnet, zq)
+            if len(level.attentions):
+                self.attention(level.attentions[i], zq)
+
+    def mid_block(self, block, zq):
+        self.resnet(block.resnets[0], zq)
+        if len(block.attentions):
+            self.attention(block.attentions[0], zq)
+        self.resnet(block.resnets[1], zq)
+
+    def finish(self):
+        return self.close(None)
+
+
+def decoder_program(model, latent_size, spatial):
+    """Stages from the (quantized) latents, map "input", to the image; zq is the "input" map for spatial norms."""
+    decoder, zq = model.decoder, "input" if spatial else None
+    program = Program("input", latent_size, level=len(decoder.up_blocks) - 1)
+    if model.post_quant_conv is not None:
+        program.add(Pointwise(model.post_quant_conv))
+    program.add(Conv3x3(decoder.conv_in))
+    program.mid_block(decoder.mid_block, zq)
+    for level in decoder.up_blocks:
+        program.level_blocks(level, zq)
+        for upsampler in getattr(level, "upsamplers", None) or []:
+            program.add(Upsample2x())
+            program.add(Conv3x3(upsampler.conv))
+    program.normalise(decoder.conv_norm_out, zq)
+    program.add(Pointwise(F.silu))
+    program.add(Conv3x3(decoder.conv_out))
+    return program
+
+
+def encoder_program(model, image_size):
+    """Stages from the image, map "input", to the latents (VQ) or moments (KL), quant_conv included."""
+    encoder = model.encoder
+    program = Program("input", image_size, level=0)
+    program.add(Conv3x3(encoder.conv_in))
+    for level in encoder.down_blocks:
+        program.level_blocks(level, None)
+        for downsampler in getattr(level, "downsamplers", None) or []:
+            program.add(Downsample2x(downsampler.conv))
+    program.mid_block(encoder.mid_block, None)
+    program.normalise(encoder.conv_norm_out, None)
+    program.add(Pointwise(F.silu))
+    program.add(Conv3x3(encoder.conv_out))
+    if model.quant_conv is not None:
+        program.add(Pointwise(model.quant_conv))
+    return program
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running a program.
+
+
+class Runner:
+    """Runs a program's stages tile by tile for one image; maps live on the offload device."""
+
+    def __init__(self, program, tile_size, device, dtype, offload_device, progress, should_cancel, counter):
+        self.program, self.tile_size = program, tile_size
+        self.device, self.dtype, self.offload_device = device, dtype, offload_device
+        self.progress, self.should_cancel, self.counter = progress, should_cancel, counter
+        self.maps, self.stats = {}, {}
+
+    def tick(self):
+        """Called before every tile: cancellation point."""
+        if self.should_cancel is not None and self.should_cancel():
+            raise TilingCancelled("tiled VAE pass cancelled")
+
+    def done_tile(self):
+        self.counter[0] += 1
+        if self.progress is not None:
+            self.progress(self.counter[0], self.counter[1])
+
+    def read(self, name, region):
+        return self.maps[name].read(region, self.device, self.dtype)
+
+    def read_nearest(self, name, region, size):
+        """Map `name` nearest-upsampled to `size` (what F.interpolate(mode="nearest") gives), over `region`."""
+        source = self.maps[name]
+        rows = torch.arange(region[0], region[1]) * source.size[0] // size[0]
+        cols = torch.arange(region[2], region[3]) * source.size[1] // size[1]
+        block = self.read(name, (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1))
+        rows, cols = (rows - rows[0]).to(self.device), (cols - cols[0]).to(self.device)
+        return block.index_select(-2, rows).index_select(-1, cols)
+
+    def affine(self, op):
+        """Per-channel scale and shift equal to GroupNorm with the global statistics of op.source."""
+        norm = group_norm_of(op.norm)
+        mean, var = self.stats[op.source]
+        channels = norm.num_channels
+        per_channel = channels // norm.num_groups
+        rstd = (var + norm.eps).rsqrt().repeat_interleave(per_channel)
+        mean = mean.repeat_interleave(per_channel)
+        weight = norm.weight.double() if norm.weight is not None else torch.ones(channels, dtype=torch.float64)
+        bias = norm.bias.double() if norm.bias is not None else torch.zeros(channels, dtype=torch.float64)
+        scale = weight.to(rstd.device) * rstd
+        shift = bias.to(rstd.device) - mean * scale
+        as_map = lambda t: t.to(device=self.device, dtype=self.dtype).view(1, channels, 1, 1)
+        return as_map(scale), as_map(shift)
+
+    def run(self, source):
+        self.maps["input"] = StageMap.wrap(source)
+        last_use = {}
+        for i, stage in enumerate(self.program.stages):
+            for name in stage.reads:
+                last_use[name] = i
+        for i, stage in enumerate(self.program.stages):
+            self.run_stage(stage, [name for name, last in last_use.items() if last == i])
+            for name in [name for name, last in last_use.items() if last == i]:
+                del self.maps[name]
+                self.stats.pop(name, None)
+        return self.maps[self.program.stages[-1].output].tensor()
+
+    def run_stage(self, stage, last_reads):
+        size = stage.sizes[-1]
+        grid = stage_grid(stage, self.tile_size)
+        if isinstance(stage, AttentionStage):
+            stage.gather_keys_values(self, grid)
+        groups = self.program.stats_groups.get(stage.output)
+        stats = GroupStats(groups) if groups else None
+        output = None
+        for row in grid:
+            # Rows above what this tile row reads are not read by any later tile (regions only move down).
+            for name, first_row in stage.first_rows(row[0]).items():
+                if name in last_reads:
+                    self.maps[name].free_above(first_row)
+            for core in row:
+                self.tick()
+                tile = stage.compute(self, core)
+                if output is None:
+                    band_rows = [(r[0][0], r[0][1]) for r in grid]
+                    output = StageMap.empty(tile.shape[1], size, band_rows, self.offload_device, self.dtype)
+                    self.maps[stage.output] = output
+                output.write(core, tile)
+                if stats is not None:
+                    stats.add(tile)
+                del tile
+                self.done_tile()
+        if isinstance(stage, AttentionStage):
+            stage.release()
+        if stats is not None:
+            self.stats[stage.output] = stats.mean_var()
+
+
+def stage_grid(stage, tile_size):
+    """The tile cores of a stage: tile_size pixels at image resolution, tile_size / 2**level at the stage's level."""
+    return tile_grid(stage.sizes[-1], max(1, tile_size >> stage.level))
+
+
+def count_tiles(program, tile_size):
+    return sum(stage.passes * sum(len(row) for row in stage_grid(stage, tile_size)) for stage in program.stages)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Public API.
+
+
+def check_tile_size(model, tile_size):
+    minimum = MIN_TILE_LATENTS * model.downscale_factor
+    if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < minimum:
+        raise VQCoreError(
+            f"tile_size must be an integer of at least {minimum} pixels ({MIN_TILE_LATENTS} latent pixels of this "
+            f"{model.downscale_factor}x autoencoder); got {tile_size!r}"
+        )
+
+
+def run_per_image(program, inputs, tile_size, model, progress, should_cancel, offload_device):
+    """Runs the program on each batch item in turn; returns the outputs concatenated on the offload device."""
+    counter = [0, count_tiles(program, tile_size) * inputs.shape[0]]
+    outputs = []
+    with torch.no_grad():
+        for item in inputs.split(1):
+            runner = Runner(program, tile_size, model.device, model.dtype, torch.device(offload_device), progress,
+                            should_cancel, counter)
+            outputs.append(runner.run(item))
+    return torch.cat(outputs)
+
+
+def quantize_latents(model, latents, offload_device):
+    """model.quantize over the latents in row chunks: the codebook distances of a whole large map would be big."""
+    rows = max(1, (1 << 22) // (latents.shape[-1] * model.quantize.num_embeddings))
+    chunks = [model.quantize(latents[..., top:top + rows, :].to(model.device, model.dtype))[0].to(offload_device)
+              for top in range(0, latents.shape[-2], rows)]
+    return torch.cat(chunks, dim=-2)
+
+
+def tiled_decode(model, latents, tile_size=512, progress=None, should_cancel=None, offload_device="cpu",
+                 force_not_quantize=False):
+    """model.decode(latents) computed tile by tile, equal to it up to float rounding; returns the image on
+    offload_device.
+
+    model: vqcore VQModel or AutoencoderKL. latents: as model.decode takes them: (B, C, h, w) latents, quantized first
+    for a VQModel unless force_not_quantize (then they are codebook vectors, or (B, h, w) indices for a
+    lookup_from_codebook model). tile_size: tile edge in output pixels. progress(done, total) is called after every
+    tile; should_cancel() before every tile (return True to raise TilingCancelled, or raise your own exception).
+    """
+    check_tile_size(model, tile_size)
+    is_vq = hasattr(model, "quantize")
+    with torch.no_grad():
+        if is_vq and force_not_quantize and model.config.get("lookup_from_codebook"):
+            quant = model.indices_to_embeddings(latents.to(model.device)).to(offload_device)
+        else:
+            check_input(latents, model.latent_channels, 1, "tiled_decode latents")
+            quant = quantize_latents(model, latents, offload_device) if is_vq and not force_not_quantize else latents
+    spatial = is_vq and model.config.get("norm_type") == "spatial"
+    program = decoder_program(model, tuple(quant.shape[-2:]), spatial)
+    program.finish()
+    return run_per_image(program, quant, tile_size, model, progress, should_cancel, offload_device)
+
+
+def tiled_encode(model, images, tile_size=512, progress=None, should_cancel=None, offload_device="cpu"):
+    """model.encode(images) computed tile by tile, equal to it up to float rounding: continuous latents for a VQModel,
+    a DiagonalGaussian for an AutoencoderKL, on the model's device (latents are small).
+
+    tile_size: tile edge in input pixels; progress and should_cancel as for tiled_decode.
+    """
+    check_tile_size(model, tile_size)
+    check_input(images, model.config["in_channels"], model.downscale_factor, "tiled_encode images")
+    program = encoder_program(model, tuple(images.shape[-2:]))
+    program.finish()
+    output = run_per_image(program, images, tile_size, model, progress, should_cancel, offload_device)
+    output = output.to(model.device)
+    return DiagonalGaussian(output) if not hasattr(model, "quantize") else output
