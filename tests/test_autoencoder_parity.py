@@ -1,0 +1,184 @@
+"""vqcore's VQModel and AutoencoderKL against diffusers (the reference), fp32 on CPU, same saved folder loaded by both.
+
+Every config is a tiny random model whose norms and codebook are perturbed away from their trivial initial values.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+diffusers = pytest.importorskip("diffusers")
+
+from vqcore.autoencoder_kl import AutoencoderKL  # noqa: E402
+from vqcore.vq_model import VQModel  # noqa: E402
+
+ATOL = 1e-5  # max |difference| allowed for every float output (bit-identical is expected); indices must be equal
+
+D, AD, U, AU = "DownEncoderBlock2D", "AttnDownEncoderBlock2D", "UpDecoderBlock2D", "AttnUpDecoderBlock2D"
+
+VQ_CONFIGS = {
+    # vq_embed_dim != latent_channels, attention inside down and up levels, batch 3, non-square.
+    "vq_group_embed_dim": dict(
+        config=dict(block_out_channels=[32, 64], down_block_types=[D, AD], up_block_types=[AU, U],
+                    layers_per_block=1, latent_channels=4, vq_embed_dim=3, num_vq_embeddings=24, norm_num_groups=8),
+        image=(3, 3, 20, 28),
+    ),
+    # MoVQ: SpatialNorm decoder conditioned on the codebook vectors, odd latent size (5x7), batch 1.
+    "movq_spatial": dict(
+        config=dict(block_out_channels=[32, 32, 64], down_block_types=[D, D, D], up_block_types=[U, U, AU],
+                    layers_per_block=1, latent_channels=4, num_vq_embeddings=32, norm_type="spatial",
+                    norm_num_groups=16),
+        image=(1, 3, 20, 28),
+    ),
+    # aMUSEd-style: indices decoded through lookup_from_codebook; no mid-block attention; one level.
+    "vq_lookup_no_mid_attention": dict(
+        config=dict(block_out_channels=[32], layers_per_block=2, latent_channels=8, num_vq_embeddings=16,
+                    norm_num_groups=8, mid_block_add_attention=False, lookup_from_codebook=True),
+        image=(3, 3, 9, 13),
+    ),
+}
+
+KL_CONFIGS = {
+    # SD-shaped: quant convs, two layers per level, batch 3.
+    "kl_sd_like": dict(
+        config=dict(block_out_channels=[32, 64], down_block_types=[D, D], up_block_types=[U, U], layers_per_block=2,
+                    latent_channels=4, norm_num_groups=16, latents_mean=[0.1, -0.2, 0.3, 0.0],
+                    latents_std=[1.5, 0.5, 2.0, 1.0]),
+        image=(3, 3, 24, 16),
+    ),
+    # SD3/Flux-shaped: 16 latent channels, no quant convs, odd latent size (5x3), batch 1.
+    "kl_16ch_no_quant_convs": dict(
+        config=dict(block_out_channels=[32, 32, 64], down_block_types=[D, D, D], up_block_types=[U, U, U],
+                    layers_per_block=1, latent_channels=16, norm_num_groups=32, use_quant_conv=False,
+                    use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611),
+        image=(1, 3, 20, 12),
+    ),
+    # Attention inside levels but not in the mid block.
+    "kl_level_attention_no_mid": dict(
+        config=dict(block_out_channels=[32, 64], down_block_types=[AD, D], up_block_types=[U, AU],
+                    layers_per_block=1, latent_channels=4, norm_num_groups=8, mid_block_add_attention=False),
+        image=(2, 3, 14, 18),
+    ),
+}
+
+
+def perturb(model, seed):
+    """Move norm affines and the codebook away from their initial values so that they matter in the comparison."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.2 * torch.randn(param.shape, generator=gen))
+            elif "embedding" in name:
+                param.copy_(0.3 * torch.randn(param.shape, generator=gen))
+    return model
+
+
+def save_reference(cls, config, folder, seed):
+    torch.manual_seed(seed)
+    reference = perturb(cls(**config), seed).eval()
+    reference.save_pretrained(folder)
+    return reference
+
+
+def load_ours(cls, folder):
+    model = cls.from_config(json.loads((folder / "config.json").read_text()))
+    model.load_state_dict(load_file(folder / "diffusion_pytorch_model.safetensors"), strict=True)
+    return model.eval()
+
+
+def assert_close(ours, reference, what):
+    assert ours.shape == reference.shape, what
+    diff = (ours - reference).abs().max().item()
+    assert diff <= ATOL, f"{what}: max |diff| {diff:.3g} > {ATOL}"
+
+
+def image(shape, seed):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+@pytest.mark.parametrize("name", VQ_CONFIGS)
+@torch.inference_mode()
+def test_vqmodel_matches_diffusers(name, tmp_path):
+    case = VQ_CONFIGS[name]
+    reference = save_reference(diffusers.VQModel, case["config"], tmp_path, seed=1)
+    ours = load_ours(VQModel, tmp_path)
+    x = image(case["image"], seed=2)
+
+    latents = ours.encode(x)
+    ref_latents = reference.encode(x).latents
+    assert_close(latents, ref_latents, "encode")
+
+    z_q, loss, indices = ours.quantize(latents)
+    ref_z_q, ref_loss, (_, _, ref_indices) = reference.quantize(ref_latents)
+    b, e, h, w = ref_z_q.shape
+    assert indices.shape == (b, h, w)
+    assert torch.equal(indices.flatten(), ref_indices)
+    assert len(indices.unique()) > 1, "degenerate test model: every pixel picked the same code"
+    assert_close(z_q, ref_z_q, "quantize z_q")
+    assert_close(loss, ref_loss, "commit loss")
+
+    assert_close(ours.decode(latents), reference.decode(ref_latents).sample, "decode (quantizing)")
+    embeddings = ours.indices_to_embeddings(indices)
+    ref_embeddings = reference.quantize.get_codebook_entry(ref_indices, (b, h, w, e))
+    assert_close(embeddings, ref_embeddings, "indices_to_embeddings")
+    if case["config"].get("lookup_from_codebook"):
+        ref_image = reference.decode(ref_indices, force_not_quantize=True, shape=(b, h, w, e)).sample
+        assert_close(ours.decode(indices, force_not_quantize=True), ref_image, "decode (lookup_from_codebook)")
+    else:
+        ref_image = reference.decode(ref_embeddings, force_not_quantize=True).sample
+        assert_close(ours.decode(embeddings, force_not_quantize=True), ref_image, "decode (force_not_quantize)")
+        assert_close(ours.decode(latents, force_not_quantize=True),
+                     reference.decode(ref_latents, force_not_quantize=True).sample, "decode (unquantized latents)")
+    assert_close(ours.decode_indices(indices), ref_image, "decode_indices")
+
+
+@pytest.mark.parametrize("name", KL_CONFIGS)
+@torch.inference_mode()
+def test_autoencoder_kl_matches_diffusers(name, tmp_path):
+    case = KL_CONFIGS[name]
+    reference = save_reference(diffusers.AutoencoderKL, case["config"], tmp_path, seed=3)
+    ours = load_ours(AutoencoderKL, tmp_path)
+    x = image(case["image"], seed=4)
+
+    posterior = ours.encode(x)
+    ref_posterior = reference.encode(x).latent_dist
+    for field in ("mean", "logvar", "std", "var"):
+        assert_close(getattr(posterior, field), getattr(ref_posterior, field), f"posterior {field}")
+    assert_close(posterior.kl(), ref_posterior.kl(), "kl")
+    assert_close(posterior.mode(), ref_posterior.mode(), "mode")
+    sample = posterior.sample(torch.Generator().manual_seed(5))
+    assert_close(sample, ref_posterior.sample(torch.Generator().manual_seed(5)), "seeded sample")
+    generators = [torch.Generator().manual_seed(6 + i) for i in range(x.shape[0])]
+    ref_generators = [torch.Generator().manual_seed(6 + i) for i in range(x.shape[0])]
+    assert_close(posterior.sample(generators), ref_posterior.sample(ref_generators), "per-item seeded sample")
+
+    assert_close(ours.decode(sample), reference.decode(sample).sample, "decode")
+
+
+def test_fp16_sample_is_drawn_in_half_precision():
+    """diffusers draws posterior noise in the model dtype; on CPU an fp16 draw differs from an fp32 draw cast down."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from vqcore.autoencoder_kl import DiagonalGaussian
+
+    moments = torch.randn(2, 8, 5, 3).half()
+    ours = DiagonalGaussian(moments).sample(torch.Generator().manual_seed(7))
+    reference = DiagonalGaussianDistribution(moments).sample(torch.Generator().manual_seed(7))
+    assert ours.dtype == torch.float16 and torch.equal(ours, reference)
+
+
+def test_latent_scaling_helpers_follow_diffusers_pipelines():
+    sd = AutoencoderKL(scaling_factor=0.5)
+    flux = AutoencoderKL(latent_channels=2, scaling_factor=0.5, shift_factor=0.25)
+    sdxl_like = AutoencoderKL(latent_channels=2, scaling_factor=0.5, latents_mean=[1.0, 2.0], latents_std=[2.0, 4.0])
+    z = torch.ones(1, 4, 2, 2)
+    assert torch.equal(sd.scale_latents(z), z * 0.5) and torch.equal(sd.unscale_latents(z * 0.5), z)
+    z2 = z[:, :2]
+    assert torch.equal(flux.scale_latents(z2), (z2 - 0.25) * 0.5)
+    assert torch.equal(flux.unscale_latents(z2), z2 / 0.5 + 0.25)
+    expected = torch.tensor([0.0, -0.125]).view(1, 2, 1, 1).expand(1, 2, 2, 2)  # (1 - mean) * 0.5 / std
+    assert torch.equal(sdxl_like.scale_latents(z2), expected)
+    assert torch.allclose(sdxl_like.unscale_latents(expected), z2)

@@ -1,0 +1,281 @@
+"""The LDM-style convolutional autoencoder shared by VQModel and AutoencoderKL.
+
+Module and parameter names equal diffusers' (encoder.down_blocks.0.resnets.0.norm1.weight, ...attentions.0.to_q.weight,
+...spatial_norm.conv_y.weight), so a diffusers state dict loads with strict=True. The order of floating-point operations
+and the memory layout of intermediate tensors also follow diffusers: on CPU a convolution gives slightly different
+results for a channels-last input than for a contiguous one, and the attention output is channels-last-strided.
+"""
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import VQCoreError
+
+DOWN_BLOCK_TYPES = {"DownEncoderBlock2D": False, "AttnDownEncoderBlock2D": True}  # type -> has attention
+UP_BLOCK_TYPES = {"UpDecoderBlock2D": False, "AttnUpDecoderBlock2D": True}
+SPATIAL_NORM_GROUPS = 32  # MoVQ's SpatialNorm hard-codes 32 groups, whatever norm_num_groups says
+
+# Activations applied to freshly allocated normalisation outputs, so they may work in place.
+ACTIVATIONS = {
+    "silu": lambda x: F.silu(x, inplace=True),
+    "swish": lambda x: F.silu(x, inplace=True),
+    "mish": lambda x: F.mish(x, inplace=True),
+    "relu": lambda x: F.relu(x, inplace=True),
+    "gelu": F.gelu,
+}
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm with the SpatialNorm call signature, so blocks call every norm as norm(x, zq)."""
+
+    def forward(self, x, zq=None):
+        return super().forward(x)
+
+
+class SpatialNorm(nn.Module):
+    """MoVQ's spatially conditioned norm: GroupNorm(f) scaled and shifted by 1x1 convolutions of the codebook output."""
+
+    def __init__(self, f_channels, zq_channels):
+        super().__init__()
+        self.norm_layer = nn.GroupNorm(SPATIAL_NORM_GROUPS, f_channels, eps=1e-6)
+        self.conv_y = nn.Conv2d(zq_channels, f_channels, 1)
+        self.conv_b = nn.Conv2d(zq_channels, f_channels, 1)
+
+    def forward(self, f, zq):
+        if zq is None:
+            raise VQCoreError("a spatial-norm (MoVQ) decoder needs the quantized latents zq; got zq=None")
+        zq = F.interpolate(zq, size=f.shape[-2:], mode="nearest")
+        return self.norm_layer(f).mul_(self.conv_y(zq)).add_(self.conv_b(zq))
+
+
+def make_norm(channels, groups, zq_channels):
+    """SpatialNorm when the decoder is conditioned on zq (zq_channels set), else GroupNorm."""
+    if zq_channels:
+        return SpatialNorm(channels, zq_channels)
+    return GroupNorm(groups, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    """norm -> act -> conv3x3 -> norm -> act -> conv3x3, plus the input (through a 1x1 conv when channels change)."""
+
+    def __init__(self, in_channels, out_channels, groups, act_fn, zq_channels=None):
+        super().__init__()
+        self.act = ACTIVATIONS[act_fn]
+        self.norm1 = make_norm(in_channels, groups, zq_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = make_norm(out_channels, groups, zq_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x, zq=None):
+        h = self.conv1(self.act(self.norm1(x, zq)))
+        h = self.conv2(self.act(self.norm2(h, zq)))
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return shortcut + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over all pixels, with a residual connection."""
+
+    def __init__(self, channels, groups, zq_channels=None):
+        super().__init__()
+        if zq_channels:
+            self.spatial_norm = SpatialNorm(channels, zq_channels)
+        else:
+            self.group_norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+
+    def forward(self, x, zq=None):
+        b, c, h, w = x.shape
+        hidden = self.spatial_norm(x, zq) if hasattr(self, "spatial_norm") else x
+        tokens = hidden.view(b, c, h * w)
+        if hasattr(self, "group_norm"):
+            tokens = self.group_norm(tokens)
+        tokens = tokens.transpose(1, 2)  # (B, HW, C)
+        q, k, v = (proj(tokens).view(b, h * w, 1, c).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h * w, c)
+        # (B, HW, C) -> (B, C, H, W) as a view, and a fresh sum: the result is channels-last-strided exactly like
+        # diffusers' (strides included, which decide the layout of later GroupNorm outputs).
+        return self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w) + x
+
+
+class Downsample(nn.Module):
+    """LDM's asymmetric downsampling: pad one pixel right and bottom, then a stride-2 3x3 convolution."""
+
+    list_name = "downsamplers"  # where a Level stores it, as in diffusers' state dicts
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 followed by a 3x3 convolution."""
+
+    list_name = "upsamplers"
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        if x.shape[0] >= 64 or x.numel() * 2 > 2**31:
+            x = x.contiguous()  # the channels-last nearest kernel fails on very large tensors
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution level: resnets (each followed by attention in the Attn block types), then an optional resampler
+    stored as `downsamplers.0` or `upsamplers.0`."""
+
+    def __init__(self, in_channels, out_channels, num_layers, groups, act_fn, attention, resampler=None, zq_channels=None):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, act_fn, zq_channels)
+            for i in range(num_layers)
+        )
+        self.attentions = nn.ModuleList(
+            Attention(out_channels, groups, zq_channels) for _ in range(num_layers if attention else 0)
+        )
+        self.resampler_name = resampler.list_name if resampler is not None else None
+        if resampler is not None:
+            setattr(self, self.resampler_name, nn.ModuleList([resampler]))
+
+    def forward(self, x, zq=None):
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, zq)
+            if self.attentions:
+                x = self.attentions[i](x, zq)
+        if self.resampler_name:
+            x = getattr(self, self.resampler_name)[0](x)
+        return x
+
+
+class MidBlock(nn.Module):
+    """resnet -> attention (optional) -> resnet at the lowest resolution."""
+
+    def __init__(self, channels, groups, act_fn, add_attention, zq_channels=None):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock(channels, channels, groups, act_fn, zq_channels) for _ in range(2))
+        self.attentions = nn.ModuleList([Attention(channels, groups, zq_channels)] if add_attention else [])
+
+    def forward(self, x, zq=None):
+        x = self.resnets[0](x, zq)
+        if self.attentions:
+            x = self.attentions[0](x, zq)
+        return self.resnets[1](x, zq)
+
+
+def block_attention(block_types, known, field):
+    """Which levels have attention, from diffusers block type names; an unknown name is an error."""
+    unknown = [name for name in block_types if name not in known]
+    if unknown:
+        raise VQCoreError(f"{field}: unsupported block type(s) {unknown}; supported: {sorted(known)}")
+    return [known[name] for name in block_types]
+
+
+class Encoder(nn.Module):
+    def __init__(self, in_channels, out_channels, down_block_types, block_out_channels, layers_per_block,
+                 norm_num_groups, act_fn, mid_block_add_attention):
+        super().__init__()
+        attention = block_attention(down_block_types, DOWN_BLOCK_TYPES, "down_block_types")
+        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], 3, padding=1)
+        levels, channels = [], block_out_channels[0]
+        for i, out in enumerate(block_out_channels):
+            last = i == len(block_out_channels) - 1
+            levels.append(Level(channels, out, layers_per_block, norm_num_groups, act_fn, attention[i],
+                                None if last else Downsample(out)))
+            channels = out
+        self.down_blocks = nn.ModuleList(levels)
+        self.mid_block = MidBlock(channels, norm_num_groups, act_fn, mid_block_add_attention)
+        self.conv_norm_out = nn.GroupNorm(norm_num_groups, channels, eps=1e-6)
+        self.conv_out = nn.Conv2d(channels, out_channels, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for level in self.down_blocks:
+            x = level(x)
+        x = self.mid_block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))  # SiLU here whatever act_fn says
+
+
+class Decoder(nn.Module):
+    """With zq_channels set (MoVQ), every norm is a SpatialNorm conditioned on zq, the codebook output."""
+
+    def __init__(self, in_channels, out_channels, up_block_types, block_out_channels, layers_per_block,
+                 norm_num_groups, act_fn, mid_block_add_attention, zq_channels=None):
+        super().__init__()
+        attention = block_attention(up_block_types, UP_BLOCK_TYPES, "up_block_types")
+        reversed_channels = list(reversed(block_out_channels))
+        channels = reversed_channels[0]
+        self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.mid_block = MidBlock(channels, norm_num_groups, act_fn, mid_block_add_attention, zq_channels)
+        levels = []
+        for i, out in enumerate(reversed_channels):
+            last = i == len(reversed_channels) - 1
+            levels.append(Level(channels, out, layers_per_block + 1, norm_num_groups, act_fn, attention[i],
+                                None if last else Upsample(out), zq_channels))
+            channels = out
+        self.up_blocks = nn.ModuleList(levels)
+        self.conv_norm_out = make_norm(channels, norm_num_groups, zq_channels)
+        self.conv_out = nn.Conv2d(channels, out_channels, 3, padding=1)
+
+    def forward(self, z, zq=None):
+        x = self.conv_in(z)
+        x = self.mid_block(x, zq)
+        for level in self.up_blocks:
+            x = level(x, zq)
+        return self.conv_out(F.silu(self.conv_norm_out(x, zq), inplace=True))
+
+
+def check_architecture(block_out_channels, down_block_types, up_block_types, norm_num_groups, act_fn, spatial):
+    """Config errors diffusers would only report as an obscure shape error (or not at all)."""
+    levels = len(block_out_channels)
+    if levels == 0 or len(down_block_types) != levels or len(up_block_types) != levels:
+        raise VQCoreError(
+            f"block_out_channels {list(block_out_channels)}, down_block_types {list(down_block_types)} and "
+            f"up_block_types {list(up_block_types)} must have the same, non-zero length"
+        )
+    groups = {norm_num_groups, SPATIAL_NORM_GROUPS} if spatial else {norm_num_groups}
+    if any(c % g for c in block_out_channels for g in groups):
+        raise VQCoreError(
+            f"block_out_channels {list(block_out_channels)} must be multiples of norm_num_groups={norm_num_groups}"
+            + (f" and of the spatial norm's {SPATIAL_NORM_GROUPS} groups" if spatial else "")
+        )
+    if act_fn not in ACTIVATIONS:
+        raise VQCoreError(f"act_fn {act_fn!r} is not supported; supported: {sorted(ACTIVATIONS)}")
+
+
+def resolved_config(cls, arguments):
+    """The constructor arguments as a plain dict (tuples as lists, like diffusers' config.json)."""
+    names = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+    return {name: list(arguments[name]) if isinstance(arguments[name], tuple) else arguments[name] for name in names}
+
+
+def config_kwargs(cls, config):
+    """The fields of a diffusers config dict that cls's constructor takes; "_"-keys and other keys are ignored
+    (a key that changes the architecture shows up as missing or unexpected weights when loading)."""
+    names = inspect.signature(cls.__init__).parameters
+    return {key: value for key, value in config.items() if key in names and key != "self" and not key.startswith("_")}
+
+
+def check_input(x, channels, factor, what):
+    """Images or latents going into a model: NCHW, the expected channel count, sizes divisible by factor, finite."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != channels:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise VQCoreError(f"{what} must be a (batch, {channels}, height, width) tensor; got {shape}")
+    if x.shape[2] % factor or x.shape[3] % factor:
+        raise VQCoreError(
+            f"{what} height and width must be multiples of {factor}; got {x.shape[2]}x{x.shape[3]} (shape {tuple(x.shape)})"
+        )
+    if not torch.isfinite(x).all():
+        raise VQCoreError(f"{what} of shape {tuple(x.shape)} contains NaN or infinite values")

@@ -1,0 +1,146 @@
+"""VQ-VAE (taming VQGAN, VQ-Diffusion ithq, Kandinsky MoVQ, aMUSEd) with diffusers' VQModel config and weight names."""
+
+import torch
+from torch import nn
+
+from .autoencoder import Decoder, Encoder, check_architecture, check_input, config_kwargs, resolved_config
+from .errors import VQCoreError
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-codebook-vector quantization (taming's VectorQuantizer2 in its legacy loss form)."""
+
+    def __init__(self, num_embeddings, embed_dim, beta=0.25):
+        super().__init__()
+        self.num_embeddings, self.embed_dim, self.beta = num_embeddings, embed_dim, beta
+        self.embedding = nn.Embedding(num_embeddings, embed_dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / num_embeddings, 1.0 / num_embeddings)
+
+    def forward(self, z):
+        """(B, E, h, w) latents -> (z_q (B, E, h, w), commit loss (0-dim), indices (B, h, w) long)."""
+        b, _, h, w = z.shape
+        z = z.permute(0, 2, 3, 1).contiguous()
+        flat = z.view(-1, self.embed_dim)
+        # cdist + argmin (not the expanded z^2 + e^2 - 2ze) picks the same code as diffusers on near-ties.
+        indices = torch.argmin(torch.cdist(flat, self.embedding.weight), dim=1)
+        z_q = self.embedding(indices).view(z.shape)
+        # Legacy form: beta weighs the codebook term instead of the commitment term (taming's original bug).
+        loss = torch.mean((z_q.detach() - z) ** 2) + self.beta * torch.mean((z_q - z.detach()) ** 2)
+        # Straight-through estimator; as arithmetic it also rounds z_q the way diffusers does.
+        z_q = z + (z_q - z).detach()
+        return z_q.permute(0, 3, 1, 2).contiguous(), loss, indices.view(b, h, w)
+
+    def get_codebook_entry(self, indices, shape):
+        """Codebook vectors for indices, as NCHW; shape is (B, h, w, E) with tokens in row-major order."""
+        return self.embedding(indices).view(shape).permute(0, 3, 1, 2).contiguous()
+
+
+class VQModel(nn.Module):
+    """encode -> continuous latents (B, E, h, w); quantize -> codebook vectors and indices; decode -> image.
+
+    E, the codebook dimension, is `vq_embed_dim` when set, else `latent_channels`. Images are NCHW in [-1, 1].
+    """
+
+    def __init__(
+        self,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(64,),
+        layers_per_block=1,
+        act_fn="silu",
+        latent_channels=3,
+        sample_size=32,
+        num_vq_embeddings=256,
+        norm_num_groups=32,
+        vq_embed_dim=None,
+        scaling_factor=0.18215,
+        norm_type="group",
+        mid_block_add_attention=True,
+        lookup_from_codebook=False,
+        force_upcast=False,
+    ):
+        super().__init__()
+        self.config = resolved_config(VQModel, locals())
+        if norm_type not in ("group", "spatial"):
+            raise VQCoreError(f"norm_type must be 'group' or 'spatial'; got {norm_type!r}")
+        spatial = norm_type == "spatial"
+        check_architecture(block_out_channels, down_block_types, up_block_types, norm_num_groups, act_fn, spatial)
+        embed_dim = vq_embed_dim or latent_channels
+        if spatial and embed_dim != latent_channels:
+            raise VQCoreError(
+                f"norm_type='spatial' conditions the decoder on the codebook vectors, so vq_embed_dim ({vq_embed_dim}) "
+                f"must equal latent_channels ({latent_channels})"
+            )
+        self.encoder = Encoder(in_channels, latent_channels, down_block_types, block_out_channels, layers_per_block,
+                               norm_num_groups, act_fn, mid_block_add_attention)
+        self.quant_conv = nn.Conv2d(latent_channels, embed_dim, 1)
+        self.quantize = VectorQuantizer(num_vq_embeddings, embed_dim)
+        self.post_quant_conv = nn.Conv2d(embed_dim, latent_channels, 1)
+        self.decoder = Decoder(latent_channels, out_channels, up_block_types, block_out_channels, layers_per_block,
+                               norm_num_groups, act_fn, mid_block_add_attention,
+                               zq_channels=latent_channels if spatial else None)
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config_kwargs(cls, config))
+
+    @property
+    def downscale_factor(self):
+        return 2 ** (len(self.config["block_out_channels"]) - 1)
+
+    @property
+    def num_embeddings(self):
+        return self.quantize.num_embeddings
+
+    @property
+    def latent_channels(self):
+        """Channels of the latents encode() returns and decode() takes: the codebook dimension E."""
+        return self.quantize.embed_dim
+
+    @property
+    def dtype(self):
+        return self.quant_conv.weight.dtype
+
+    @property
+    def device(self):
+        return self.quant_conv.weight.device
+
+    def encode(self, x):
+        """Images (B, in_channels, H, W) in [-1, 1] -> continuous (not quantized) latents (B, E, H/f, W/f)."""
+        check_input(x, self.config["in_channels"], self.downscale_factor, "VQModel.encode images")
+        return self.quant_conv(self.encoder(x))
+
+    def decode(self, latents, force_not_quantize=False):
+        """Latents -> images. Latents are quantized first unless force_not_quantize, in which case they are used as
+        they are (codebook vectors), or, for a `lookup_from_codebook` model, taken to be indices (B, h, w)."""
+        if not force_not_quantize:
+            check_input(latents, self.latent_channels, 1, "VQModel.decode latents")
+            quant, _, _ = self.quantize(latents)
+        elif self.config["lookup_from_codebook"]:
+            quant = self.indices_to_embeddings(latents)
+        else:
+            check_input(latents, self.latent_channels, 1, "VQModel.decode latents")
+            quant = latents
+        return self.decode_embeddings(quant)
+
+    def decode_indices(self, indices):
+        """Codebook indices (B, h, w) -> images."""
+        return self.decode_embeddings(self.indices_to_embeddings(indices))
+
+    def decode_embeddings(self, quant):
+        spatial = self.config["norm_type"] == "spatial"
+        return self.decoder(self.post_quant_conv(quant), quant if spatial else None)
+
+    def indices_to_embeddings(self, indices):
+        """Codebook indices (B, h, w) -> codebook vectors (B, E, h, w)."""
+        if not isinstance(indices, torch.Tensor) or indices.ndim != 3 or indices.is_floating_point():
+            shape = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
+            raise VQCoreError(f"codebook indices must be an integer (batch, height, width) tensor; got {shape}")
+        if indices.numel() and (indices.min() < 0 or indices.max() >= self.num_embeddings):
+            raise VQCoreError(
+                f"codebook indices must lie in [0, {self.num_embeddings}); got values from {int(indices.min())} "
+                f"to {int(indices.max())}"
+            )
+        return self.quantize.get_codebook_entry(indices.long(), (*indices.shape, self.latent_channels))
