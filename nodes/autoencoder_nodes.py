@@ -201,18 +201,15 @@ class VQCoreTiledVAEDecode:
         if (tokens is None) == (samples is None):
             raise VQCoreError("samples/tokens: connect exactly one of them (got "
                               f"{'both' if tokens is not None else 'neither'})")
-        model = handle.model
         if tokens is not None:
             if handle.codebook_id is None:
                 raise VQCoreError("tokens: VQ_TOKENS need a VQ autoencoder; the connected vae is a KL VAE")
-            indices = compute.check_tokens(tokens, handle, "tokens")
-            with torch.inference_mode():
-                latents = model.indices_to_embeddings(indices.to(model.device)).float().cpu()
+            latents = compute.token_embeddings(handle, compute.check_tokens(tokens, handle, "tokens"))
         else:
-            latents = latent_samples(samples, model.latent_channels, "samples")
+            latents = latent_samples(samples, handle.model.latent_channels, "samples")
         start = time.perf_counter()
         with compute.input_errors("tile_size"):
-            image = compute.tiled_decode(handle, latents, tile_size, unique_id)
+            image = compute.tiled_decode(handle, latents, tile_size, unique_id, quantized=tokens is not None)
         ui = ui_payloads.tiles(image.shape[1:3], tile_size, time.perf_counter() - start)
         return {"ui": {"vqcore_tiles": ui}, "result": (image,)}
 

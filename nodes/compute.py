@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 import torch
 
+from ..vqcore import tiling
 from ..vqcore.errors import VQCoreError
 from . import host
 
@@ -166,9 +167,15 @@ def decode(handle, latents=None, indices=None, node_id=None):
     except host.oom_exception():
         log.warning("vqcore: out of memory in a full decode of %s; retrying with tiled decode", tuple(inputs.shape))
     if indices is not None:
-        with torch.inference_mode():
-            latents = model.indices_to_embeddings(indices.to(handle.patcher.load_device)).float().cpu()
+        latents = token_embeddings(handle, indices)
     return tiled_decode(handle, latents, DEFAULT_FALLBACK_TILE, node_id, quantized=indices is not None)
+
+
+def token_embeddings(handle, indices):
+    """Codebook vectors of tokens, on the offload device (the tiled decoder reads them from there)."""
+    host.load_models([handle.patcher])
+    with torch.inference_mode():
+        return handle.model.indices_to_embeddings(indices.to(handle.patcher.load_device)).to(host.offload_device("vae"))
 
 
 def decode_latents(model, latents):
@@ -180,29 +187,26 @@ def decode_indices(model, indices):
 
 
 def tiled_decode(handle, latents, tile_size, node_id=None, quantized=False):
-    """Seamless tiled decode (equal to the full decode), progress and interrupt per tile."""
-    from ..vqcore import tiling
-
+    """Seamless tiled decode (equal to the full decode); progress and interrupt per tile. quantized: the latents are
+    codebook vectors already (decoded tokens), not latents to quantise."""
     host.load_models([handle.patcher], decode_bytes(handle.model, 1, 1, handle.dtype))
     pbar = host.progress_bar(1, node_id)
-    device = handle.patcher.load_device
     with torch.inference_mode():
-        out = tiling.tiled_decode(handle.model, latents.to(device, handle.dtype), tile_size=tile_size,
+        out = tiling.tiled_decode(handle.model, latents.to(handle.dtype), tile_size=tile_size,
                                   progress=lambda done, total: pbar.update_absolute(done, total),
-                                  should_cancel=interrupted)
+                                  should_cancel=interrupted, offload_device=host.offload_device("vae"),
+                                  force_not_quantize=quantized)
     return model_to_images(out)
 
 
 def tiled_encode(handle, images, tile_size, node_id=None):
-    from ..vqcore import tiling
-
+    """Seamless tiled encode: KL → DiagonalGaussian, VQ → continuous latents."""
     host.load_models([handle.patcher], 0)
     pbar = host.progress_bar(1, node_id)
-    device = handle.patcher.load_device
     with torch.inference_mode():
-        return tiling.tiled_encode(handle.model, images.to(device, handle.dtype), tile_size=tile_size,
+        return tiling.tiled_encode(handle.model, images.to(handle.dtype), tile_size=tile_size,
                                    progress=lambda done, total: pbar.update_absolute(done, total),
-                                   should_cancel=interrupted)
+                                   should_cancel=interrupted, offload_device=host.offload_device("vae"))
 
 
 def interrupted() -> bool:

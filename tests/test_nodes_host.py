@@ -1,0 +1,123 @@
+"""The nodes' use of the host, proven against a recording stand-in for ComfyUI's modules: memory manager before
+compute, batch slices sized by free memory, progress to the total, interrupt, OOM → tiled, fp16 overflow → fp32,
+model-folder registration."""
+
+import logging
+
+import pytest
+import torch
+
+from nodes_fakes import FakeHost, InterruptProcessingException
+from nodes_support import bound_host, demo_models, host_module  # noqa: F401  (demo_models is a fixture)
+
+VQ_FILE = "demo-vq-f8.safetensors"
+
+
+@pytest.fixture
+def fake(pack, demo_models):  # noqa: F811
+    fake = FakeHost(demo_models, host_module(pack).PlainFolders)
+    with bound_host(pack, **fake.modules()):
+        yield fake
+
+
+def node(pack, node_id):
+    return pack.NODE_CLASS_MAPPINGS[node_id]()
+
+
+def encode_tokens(pack, vq_vae, batch=1, size=32):
+    image = torch.rand(batch, size, size, 3, generator=torch.Generator().manual_seed(0))
+    return node(pack, "VQCoreEncode").encode(vq_vae, image)["result"][1]
+
+
+def test_model_is_loaded_by_the_memory_manager_before_compute(pack, fake):
+    (vq_vae,) = node(pack, "VQCoreLoadVQModel").load(VQ_FILE)
+    assert ("wrap", vq_vae.patcher) in fake.events, "the model was not wrapped in a ModelPatcher"
+    tokens = encode_tokens(pack, vq_vae)
+    fake.events.clear()
+    fake.record_compute(vq_vae.model.decoder)
+    node(pack, "VQCoreDecode").decode(vq_vae, tokens=tokens)
+    load = fake.events[fake.index("load")]
+    assert fake.index("load") < fake.index("compute")
+    assert load[1] == [vq_vae.patcher] and load[3] is True, "full load of our patcher expected"
+    assert load[2] > 0, "a memory estimate must be passed to load_models_gpu"
+
+
+def test_batch_is_decoded_in_slices_sized_by_free_memory_and_progress_reaches_total(pack, fake):
+    (vq_vae,) = node(pack, "VQCoreLoadVQModel").load(VQ_FILE)
+    tokens = encode_tokens(pack, vq_vae, batch=3)
+    fake.events.clear()
+    fake.record_compute(vq_vae.model.decoder)
+    fake.free_memory = 1  # room for less than one image: one image per slice
+    (image,) = node(pack, "VQCoreDecode").decode(vq_vae, tokens=tokens, unique_id="7")
+    assert image.shape == (3, 32, 32, 3)
+    assert sum(e[0] == "compute" for e in fake.events) == 3
+    bar = fake.progress_bars[-1]
+    assert (bar.current, bar.total, bar.node_id) == (3, 3, "7")
+
+    fake.events.clear()
+    fake.free_memory = 1 << 40  # everything fits: one slice
+    (again,) = node(pack, "VQCoreDecode").decode(vq_vae, tokens=tokens)
+    assert sum(e[0] == "compute" for e in fake.events) == 1
+    assert torch.allclose(image, again, atol=1e-5)
+
+
+def test_interrupt_stops_a_decode_without_output(pack, fake):
+    (vq_vae,) = node(pack, "VQCoreLoadVQModel").load(VQ_FILE)
+    tokens = encode_tokens(pack, vq_vae, batch=3)
+    fake.free_memory = 1
+    fake.interrupt_checks, fake.interrupt_after_checks = 0, 2
+    fake.events.clear()
+    fake.record_compute(vq_vae.model.decoder)
+    with pytest.raises(InterruptProcessingException):
+        node(pack, "VQCoreDecode").decode(vq_vae, tokens=tokens)
+    assert sum(e[0] == "compute" for e in fake.events) == 1, "decoding went on after the interrupt"
+
+
+def test_out_of_memory_in_full_decode_falls_back_to_tiled_decode(pack, fake, caplog):
+    (vq_vae,) = node(pack, "VQCoreLoadVQModel").load(VQ_FILE)
+    tokens = encode_tokens(pack, vq_vae, size=64)
+    (reference,) = node(pack, "VQCoreDecode").decode(vq_vae, tokens=tokens)
+    full_decode = vq_vae.model.decode_embeddings
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    vq_vae.model.decode_embeddings = out_of_memory
+    try:
+        with caplog.at_level(logging.WARNING, logger="vqcore"):
+            (image,) = node(pack, "VQCoreDecode").decode(vq_vae, tokens=tokens)
+    finally:
+        vq_vae.model.decode_embeddings = full_decode
+    assert "tiled" in caplog.text
+    assert image.shape == reference.shape
+    assert (image - reference).abs().max() <= 2e-3, "the tiled fallback must equal the full decode"
+
+
+def test_half_precision_overflow_is_recomputed_in_fp32(pack, fake, caplog):
+    (vq_vae,) = node(pack, "VQCoreLoadVQModel").load(VQ_FILE, dtype="fp16")
+    assert vq_vae.dtype == torch.float16
+    tokens = encode_tokens(pack, vq_vae)
+    with torch.no_grad():  # activations beyond fp16's 65504 before the first norm, harmless in fp32
+        vq_vae.model.quantize.embedding.weight.mul_(1e4)
+        vq_vae.model.decoder.conv_in.weight.mul_(1e3)
+    with caplog.at_level(logging.WARNING, logger="vqcore"):
+        (image,) = node(pack, "VQCoreDecode").decode(vq_vae, tokens=tokens)
+    assert torch.isfinite(image).all() and image.std() > 0, "a black or NaN image came out"
+    assert "float32" in caplog.text and vq_vae.dtype == torch.float32
+
+
+def test_model_folders_merge_with_user_configured_paths(pack, demo_models, tmp_path):  # noqa: F811
+    host = host_module(pack)
+    fake = FakeHost(demo_models, host.PlainFolders)
+    extra = tmp_path / "my_vq_models"
+    extra.mkdir()
+    (extra / "mine.safetensors").write_bytes((demo_models / "vq_models" / VQ_FILE).read_bytes())
+    fake.folders.folder_names_and_paths["vq_models"] = ([str(extra)], set())  # as extra_model_paths.yaml leaves it
+    with bound_host(pack, **fake.modules()):
+        dirs, extensions = fake.folders.folder_names_and_paths["vq_models"]
+        assert dirs == [str(extra), str(demo_models / "vq_models")]
+        assert ".safetensors" in extensions and ".ckpt" in extensions
+        choices = pack.NODE_CLASS_MAPPINGS["VQCoreLoadVQModel"].INPUT_TYPES()["required"]["vq_model_name"][0]
+        assert "mine.safetensors" in choices and VQ_FILE in choices
+        for folder in ("vae", "checkpoints", "diffusers"):
+            assert fake.folders.folder_names_and_paths[folder][0] == [str(demo_models / folder)]
