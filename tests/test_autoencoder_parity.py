@@ -3,16 +3,13 @@
 Every config is a tiny random model whose norms and codebook are perturbed away from their trivial initial values.
 """
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
 diffusers = pytest.importorskip("diffusers")
 
 from vqcore.autoencoder_kl import AutoencoderKL  # noqa: E402
-from vqcore.vq_model import VQModel  # noqa: E402
+from vqcore.loading import load_autoencoder_kl, load_vqmodel  # noqa: E402
 
 ATOL = 1e-5  # max |difference| allowed for every float output (bit-identical is expected); indices must be equal
 
@@ -83,12 +80,6 @@ def save_reference(cls, config, folder, seed):
     return reference
 
 
-def load_ours(cls, folder):
-    model = cls.from_config(json.loads((folder / "config.json").read_text()))
-    model.load_state_dict(load_file(folder / "diffusion_pytorch_model.safetensors"), strict=True)
-    return model.eval()
-
-
 def assert_close(ours, reference, what):
     assert ours.shape == reference.shape, what
     diff = (ours - reference).abs().max().item()
@@ -104,7 +95,7 @@ def image(shape, seed):
 def test_vqmodel_matches_diffusers(name, tmp_path):
     case = VQ_CONFIGS[name]
     reference = save_reference(diffusers.VQModel, case["config"], tmp_path, seed=1)
-    ours = load_ours(VQModel, tmp_path)
+    ours = load_vqmodel(tmp_path, device="cpu", dtype="fp32")
     x = image(case["image"], seed=2)
 
     latents = ours.encode(x)
@@ -140,7 +131,7 @@ def test_vqmodel_matches_diffusers(name, tmp_path):
 def test_autoencoder_kl_matches_diffusers(name, tmp_path):
     case = KL_CONFIGS[name]
     reference = save_reference(diffusers.AutoencoderKL, case["config"], tmp_path, seed=3)
-    ours = load_ours(AutoencoderKL, tmp_path)
+    ours = load_autoencoder_kl(tmp_path, device="cpu", dtype="fp32")
     x = image(case["image"], seed=4)
 
     posterior = ours.encode(x)
