@@ -1,0 +1,36 @@
+"""Truncation sampling for VQ-Diffusion: keep, per token, the most likely classes whose probabilities add up to the
+rate, drop the rest.
+
+For rate < 1 the kept set is exactly diffusers' `VQDiffusionPipeline.truncate` (same sort, same float32 cumulative
+sum, so the same classes at ties), with one sort and a scatter instead of a sort, an argsort and a gather.
+rate = 1 keeps every class (diffusers still drops a tail there, because the float32 cumulative sum reaches 1 early).
+"""
+
+import torch
+
+from .errors import VQCoreError
+
+
+def check_rate(rate):
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
+        raise VQCoreError(f"truncation rate must be a number in (0, 1]; got {rate!r}")
+    return float(rate)
+
+
+def truncate(log_probs, rate, fill_value=-torch.inf):
+    """log_probs (B, C, N) -> a copy with the dropped classes set to fill_value (log 0 by default).
+
+    A class is kept when the probability mass of the classes more likely than it is below `rate`, so the most
+    likely class is always kept.
+    """
+    rate = check_rate(rate)
+    if rate == 1:
+        return log_probs.clone()
+    sorted_log_probs, order = torch.sort(log_probs, dim=1, descending=True)
+    mass_before = sorted_log_probs.exp().cumsum_(dim=1)
+    keep_sorted = torch.empty_like(mass_before, dtype=torch.bool)
+    keep_sorted[:, :1] = True
+    torch.lt(mass_before[:, :-1], rate, out=keep_sorted[:, 1:])
+    del mass_before
+    # Put each class's value back at its own index: kept ones unchanged, dropped ones replaced.
+    return torch.empty_like(log_probs).scatter_(1, order, sorted_log_probs.masked_fill_(~keep_sorted, fill_value))
