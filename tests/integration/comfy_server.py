@@ -160,9 +160,8 @@ class ComfyServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             entry = self.get(f"/history/{prompt_id}").get(prompt_id)
-            if entry and entry.get("status", {}).get("completed") is not None:
-                if entry["status"].get("status_str") in ("success", "error"):
-                    return entry
+            if entry and entry.get("status", {}).get("status_str") in ("success", "error"):
+                return entry
             if self.process.poll() is not None:
                 raise RuntimeError(f"ComfyUI exited while running {prompt_id}:\n{self.log()[-4000:]}")
             time.sleep(0.25)

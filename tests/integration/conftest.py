@@ -4,7 +4,6 @@ are skipped, with that reason, everywhere else."""
 from pathlib import Path
 
 import pytest
-
 from comfy_server import ComfyServer, comfyui_path
 
 SKIP_REASON = ("COMFYUI_PATH is not set to a ComfyUI source tree; real-host tests skipped "

@@ -8,10 +8,17 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from PIL import Image
-
 from comfy_server import PACK_FOLDER, RequestError
-from workflows import api_workflows, build_node, combo_options, is_api_format, is_ui_format, load_json, ui_workflows
+from PIL import Image
+from workflows import (
+    api_workflows,
+    build_node,
+    combo_options,
+    is_api_format,
+    is_ui_format,
+    load_json,
+    ui_workflows,
+)
 
 # Node ids agreed for the pack; every one must reach the host.
 CONTRACT_NODES = [
@@ -41,7 +48,7 @@ def test_pack_imports_without_failure(comfy):
     log = comfy.log()
     failed = [line for line in log.splitlines() if "IMPORT FAILED" in line and PACK_FOLDER in line]
     assert not failed, "\n".join(failed)
-    assert re.search(rf"seconds: .*custom_nodes[/\\]{re.escape(PACK_FOLDER)}\s*$", log, re.M), log[-3000:]
+    assert re.search(rf"seconds: .*custom_nodes[/\\]{re.escape(PACK_FOLDER)}\s*$", log, re.MULTILINE), log[-3000:]
 
 
 def test_every_node_registered_with_declared_inputs_and_outputs(object_info, pack):
@@ -66,10 +73,14 @@ def test_front_end_files_and_node_docs_are_served(comfy, pack):
     extensions = comfy.get("/extensions")
     assert f"/extensions/{PACK_FOLDER}/vqcore_extension.js" in extensions
     assert f"/extensions/{PACK_FOLDER}/vqcore_panels.js" in extensions
-    for node_id in pack.NODE_CLASS_MAPPINGS:
+    for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
         # the path ComfyUI's front end asks for a custom node's help page
         with urllib.request.urlopen(f"{comfy.url}/extensions/{PACK_FOLDER}/docs/{node_id}.md", timeout=30) as r:
-            assert r.status == 200 and r.read().strip(), node_id
+            doc = r.read().decode()
+        declared = cls.INPUT_TYPES()
+        names = [*declared["required"], *declared.get("optional", {}), *getattr(cls, "RETURN_NAMES", ())]
+        missing = [name for name in names if f"`{name}`" not in doc]
+        assert not missing, f"docs/{node_id}.md does not describe {missing}"
 
 
 def test_example_workflows_are_listed_as_templates(comfy):
