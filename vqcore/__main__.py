@@ -2,6 +2,7 @@
 
     python -m vqcore demo-models DIR                  tiny seeded demo models in every supported checkpoint format
     python -m vqcore roundtrip MODEL [IMAGE] OUT.png  encode (VQ: and quantize) an image, decode it, save the PNG
+    python -m vqcore generate PROMPT OUT.png          text-to-image with VQ-Diffusion (default: the demo model)
 
 Each command is an `add_<name>_command(subparsers)` function that registers its arguments and sets `run`.
 """
@@ -104,7 +105,13 @@ def crop_to_multiple(image, factor) -> np.ndarray:
     return np.ascontiguousarray(image[:height, :width])
 
 
-COMMANDS = [add_demo_models_command, add_roundtrip_command]
+def add_generate_command(subparsers):
+    from .vq_diffusion import add_generate_command as add
+
+    add(subparsers)
+
+
+COMMANDS = [add_demo_models_command, add_roundtrip_command, add_generate_command]
 
 
 def main(argv=None):
