@@ -1,0 +1,276 @@
+"""Checkpoints in their original layouts: random diffusers models are written out as LDM / taming / MoVQ / PatchVQGAN
+files (the tests' own mapping in ldm_layout.py), loaded by vqcore with the config inferred from shapes alone, and
+compared with diffusers on the same weights: fp32, CPU, max |Δ| ≤ 1e-5, codebook indices identical."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ldm_layout import to_old_diffusers_names, to_original_layout, to_patch_vqgan
+
+diffusers = pytest.importorskip("diffusers")
+
+from vqcore.errors import CheckpointError  # noqa: E402
+from vqcore.loading import load_autoencoder, load_autoencoder_kl, load_vqmodel  # noqa: E402
+
+ATOL = 1e-5
+D, AD, U, AU = "DownEncoderBlock2D", "AttnDownEncoderBlock2D", "UpDecoderBlock2D", "AttnUpDecoderBlock2D"
+ARCHITECTURE_FIELDS = ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "down_block_types",
+                       "up_block_types", "latent_channels", "mid_block_add_attention")
+
+
+def kl_model(seed, boc=(32, 64), latent=4, quant_convs=True, layers=1):
+    torch.manual_seed(seed)
+    n = len(boc)
+    model = diffusers.AutoencoderKL(block_out_channels=boc, down_block_types=[D] * n, up_block_types=[U] * n,
+                                    layers_per_block=layers, latent_channels=latent, use_quant_conv=quant_convs,
+                                    use_post_quant_conv=quant_convs)
+    return perturbed(model, seed)
+
+
+def vq_model(seed, boc, latent, embed_dim=None, codes=32, attention=True, norm_type="group", layers=1):
+    torch.manual_seed(seed)
+    n = len(boc)
+    down, up = [D] * n, [U] * n
+    if attention:
+        down[-1], up[0] = AD, AU
+    model = diffusers.VQModel(block_out_channels=boc, down_block_types=down, up_block_types=up, layers_per_block=layers,
+                              latent_channels=latent, vq_embed_dim=embed_dim, num_vq_embeddings=codes,
+                              norm_type=norm_type)
+    return perturbed(model, seed)
+
+
+def perturbed(model, seed):
+    """Norm affines away from 1/0 and a codebook as wide as the latents, so every weight matters and many codes win."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name == "quantize.embedding.weight":
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def assert_vq_matches(model, ref, size=16, batch=2):
+    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        latents, ref_latents = model.encode(x), ref.encode(x).latents
+        _, _, indices = model.quantize(latents)
+        _, _, (_, _, ref_indices) = ref.quantize(ref_latents)
+        decoded, ref_decoded = model.decode(latents), ref.decode(ref_latents).sample
+    assert (latents - ref_latents).abs().max() <= ATOL
+    assert torch.equal(indices.flatten(), ref_indices.flatten())
+    assert indices.unique().numel() > 1
+    assert (decoded - ref_decoded).abs().max() <= ATOL
+
+
+def assert_kl_matches(model, ref, size=16, batch=2):
+    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        posterior, ref_posterior = model.encode(x), ref.encode(x).latent_dist
+        decoded, ref_decoded = model.decode(posterior.mean), ref.decode(ref_posterior.mean).sample
+    assert (posterior.mean - ref_posterior.mean).abs().max() <= ATOL
+    assert (posterior.logvar - ref_posterior.logvar).abs().max() <= ATOL
+    assert (decoded - ref_decoded).abs().max() <= ATOL
+
+
+def assert_same_architecture(model, ref):
+    as_list = lambda value: list(value) if isinstance(value, (list, tuple)) else value  # noqa: E731
+    for field in ARCHITECTURE_FIELDS:
+        assert as_list(model.config[field]) == as_list(ref.config[field]), field
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Each family in its original layout
+
+
+def test_sd_vae_ldm_layout_safetensors(tmp_path):
+    ref = kl_model(0, layers=2)
+    save_file(to_original_layout(weights(ref)), tmp_path / "vae-ft-mse.safetensors")
+    model = load_autoencoder_kl(tmp_path / "vae-ft-mse.safetensors", device="cpu")
+    assert_same_architecture(model, ref)
+    assert model.config["scaling_factor"] == 0.18215  # 4 channels, nothing else known: SD1 constants
+    assert_kl_matches(model, ref)
+
+
+def test_flux_16_channel_vae_without_quant_convs(tmp_path):
+    ref = kl_model(1, latent=16, quant_convs=False)
+    save_file(to_original_layout(weights(ref)), tmp_path / "ae.safetensors")
+    model = load_autoencoder(tmp_path / "ae.safetensors", device="cpu")
+    assert model.quant_conv is None and model.post_quant_conv is None
+    assert (model.config["scaling_factor"], model.config["shift_factor"]) == (0.3611, 0.1159)
+    assert_kl_matches(model, ref)
+
+
+def test_full_sd_checkpoint_ckpt_with_first_stage_model_prefix(tmp_path):
+    ref = kl_model(2)
+    vae = {f"first_stage_model.{k}": v for k, v in to_original_layout(weights(ref)).items()}
+    others = {"model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3),
+              "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.randn(8),
+              "model_ema.decay": torch.tensor(0.999), "first_stage_model.loss.logvar": torch.zeros(())}
+    torch.save({"state_dict": {**others, **vae}, "global_step": 10}, tmp_path / "v1-5-pruned.ckpt")
+    model = load_autoencoder_kl(tmp_path / "v1-5-pruned.ckpt", device="cpu")
+    assert model.config["scaling_factor"] == 0.18215
+    assert_kl_matches(model, ref)
+
+
+@pytest.mark.parametrize("neighbour, family, scaling", [
+    ("conditioner.embedders.0.transformer.text_model.final_layer_norm.weight", "sdxl", 0.13025),
+    ("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "sd3", 1.5305),
+])
+def test_full_checkpoint_family_from_neighbouring_keys(tmp_path, neighbour, family, scaling):
+    ref = kl_model(3, latent=16 if family == "sd3" else 4, quant_convs=family != "sd3")
+    vae = {f"first_stage_model.{k}": v for k, v in to_original_layout(weights(ref)).items()}
+    save_file({neighbour: torch.randn(4, 4), **vae}, tmp_path / "model.safetensors")
+    model = load_autoencoder(tmp_path / "model.safetensors", device="cpu")
+    assert model.config["scaling_factor"] == scaling
+    assert_kl_matches(model, ref)
+
+
+def test_taming_vqgan_f4_training_checkpoint(tmp_path):
+    ref = vq_model(4, boc=(32, 64, 64), latent=3, codes=48, attention=False)
+    state = to_original_layout(weights(ref))
+    state.update({"loss.discriminator.main.0.weight": torch.randn(8, 3, 4, 4), "quantize.used": torch.arange(48)})
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "vq-f4.ckpt")
+    model = load_vqmodel(tmp_path / "vq-f4.ckpt", device="cpu")
+    assert_same_architecture(model, ref)
+    assert_vq_matches(model, ref)
+
+
+def test_taming_vqgan_f8_attention_in_last_level(tmp_path):
+    ref = vq_model(5, boc=(32, 32, 64, 64), latent=4, codes=64, layers=2)
+    save_file(to_original_layout(weights(ref)), tmp_path / "vq-f8.safetensors")
+    model = load_vqmodel(tmp_path / "vq-f8.safetensors", device="cpu")
+    assert model.config["down_block_types"][-1] == AD and model.config["up_block_types"][0] == AU
+    assert_vq_matches(model, ref)
+
+
+def test_taming_vqgan_f16_five_levels(tmp_path):
+    ref = vq_model(6, boc=(32, 32, 32, 64, 64), latent=8, codes=64)
+    torch.save(to_original_layout(weights(ref)), tmp_path / "vq-f16.pt")
+    model = load_vqmodel(tmp_path / "vq-f16.pt", device="cpu")
+    assert model.downscale_factor == 16
+    assert_vq_matches(model, ref, size=32)
+
+
+def test_kandinsky_movq_spatial_norm_decoder(tmp_path):
+    ref = vq_model(7, boc=(32, 32, 64), latent=4, codes=64, norm_type="spatial")
+    save_file(to_original_layout(weights(ref)), tmp_path / "movq_final.safetensors")
+    model = load_vqmodel(tmp_path / "movq_final.safetensors", device="cpu")
+    assert model.config["norm_type"] == "spatial"
+    assert_vq_matches(model, ref)
+
+
+def test_vq_diffusion_patch_vqgan_raw_codebook(tmp_path):
+    ref = vq_model(8, boc=(32, 32, 64), latent=64, embed_dim=32, codes=64)
+    torch.save({"model": to_patch_vqgan(weights(ref)), "epoch": 0}, tmp_path / "ithq_vqvae.pth")
+    model = load_vqmodel(tmp_path / "ithq_vqvae.pth", device="cpu")
+    assert (model.config["vq_embed_dim"], model.config["latent_channels"]) == (32, 64)
+    assert_vq_matches(model, ref)
+
+
+def test_attention_weights_stored_2d_in_ldm_file(tmp_path):
+    ref = vq_model(9, boc=(32, 64), latent=4, codes=32)
+    save_file(to_original_layout(weights(ref), conv_attention=False), tmp_path / "vq.safetensors")
+    assert_vq_matches(load_vqmodel(tmp_path / "vq.safetensors", device="cpu"), ref)
+
+
+def test_eleven_levels_map_by_path_component_not_substring(tmp_path):
+    """`down.1.` must not match `down.10.`, and decoder level 10 must become up_blocks.0."""
+    ref = vq_model(10, boc=(32,) * 11, latent=4, codes=8)
+    save_file(to_original_layout(weights(ref)), tmp_path / "deep.safetensors")
+    model = load_vqmodel(tmp_path / "deep.safetensors", device="cpu")
+    loaded = model.state_dict()
+    assert loaded.keys() == ref.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in ref.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# diffusers names in single files and folders
+
+
+@pytest.mark.parametrize("prefix", ["", "vae."])
+def test_single_file_with_diffusers_keys(tmp_path, prefix):
+    ref = vq_model(11, boc=(32, 64), latent=4, codes=32, norm_type="spatial")
+    save_file({prefix + k: v for k, v in weights(ref).items()}, tmp_path / "movq-diffusers.safetensors")
+    assert_vq_matches(load_autoencoder(tmp_path / "movq-diffusers.safetensors", device="cpu"), ref)
+
+
+def test_bin_folder_with_old_attention_names_is_read_with_weights_only(tmp_path, monkeypatch):
+    ref = vq_model(12, boc=(32, 64), latent=8, embed_dim=4, codes=32)
+    ref.save_pretrained(tmp_path / "vqvae", safe_serialization=False)
+    (tmp_path / "vqvae" / "diffusion_pytorch_model.bin").unlink()
+    torch.save(to_old_diffusers_names(weights(ref)), tmp_path / "vqvae" / "diffusion_pytorch_model.bin")
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw.get("weights_only")) or real_load(*a, **kw))
+    model = load_vqmodel(tmp_path / "vqvae", device="cpu")
+    assert calls == [True]
+    assert_vq_matches(model, ref)
+
+
+def test_fp16_variant_folder(tmp_path):
+    full, half = kl_model(13), kl_model(14)
+    full.save_pretrained(tmp_path / "vae")
+    save_file({k: v.half() for k, v in weights(half).items()}, tmp_path / "vae" / "diffusion_pytorch_model.fp16.safetensors")
+    assert_kl_matches(load_autoencoder_kl(tmp_path / "vae", device="cpu"), full)
+    model = load_autoencoder_kl(tmp_path / "vae", device="cpu", variant="fp16")
+    assert model.dtype == torch.float32  # dtype None means fp32, whatever the file holds
+    half.load_state_dict({k: v.half().float() for k, v in weights(half).items()})
+    assert_kl_matches(model, half)
+    assert load_autoencoder_kl(tmp_path / "vae", device="cpu", dtype="fp16", variant="fp16").dtype == torch.float16
+
+
+def test_pipeline_folder_with_vqvae_component(tmp_path):
+    ref = vq_model(15, boc=(32, 64), latent=4, codes=32)
+    ref.save_pretrained(tmp_path / "pipe" / "vqvae")
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps({"_class_name": "VQDiffusionPipeline"}))
+    assert_vq_matches(load_autoencoder(tmp_path / "pipe", device="cpu"), ref)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Family option and model-kind checks
+
+
+def test_family_option_sets_latent_constants(tmp_path):
+    ref = kl_model(16)
+    save_file(to_original_layout(weights(ref)), tmp_path / "vae.safetensors")
+    load = lambda family: load_autoencoder_kl(tmp_path / "vae.safetensors", device="cpu", family=family)  # noqa: E731
+    assert load("auto").config["scaling_factor"] == 0.18215
+    sdxl = load("sdxl")
+    assert (sdxl.config["scaling_factor"], sdxl.config["force_upcast"]) == (0.13025, True)
+    assert load("sdxl-fp16-fix").config["force_upcast"] is False
+    playground = load("playground-v2.5")
+    z = torch.ones(1, 4, 2, 2)
+    expected = (1 - torch.tensor([-1.6574, 1.886, -1.383, 2.5155])) * 0.5 / torch.tensor([8.4927, 5.9022, 6.5498, 5.2299])
+    assert torch.allclose(playground.scale_latents(z)[0, :, 0, 0], expected)
+    with pytest.raises(CheckpointError, match="16 latent channels"):
+        load("flux")
+    with pytest.raises(CheckpointError, match="unknown family"):
+        load("sd9")
+
+
+def test_sdxl_name_hint_and_folder_config_kept(tmp_path):
+    ref = kl_model(17)
+    save_file(to_original_layout(weights(ref)), tmp_path / "sdxl_vae.safetensors")
+    assert load_autoencoder_kl(tmp_path / "sdxl_vae.safetensors", device="cpu").config["scaling_factor"] == 0.13025
+    ref.register_to_config(scaling_factor=0.5)
+    ref.save_pretrained(tmp_path / "folder")
+    assert load_autoencoder_kl(tmp_path / "folder", device="cpu").config["scaling_factor"] == 0.5
+    assert load_autoencoder_kl(tmp_path / "folder", device="cpu", family="sd2").config["sample_size"] == 768
+
+
+def test_vq_loader_refuses_kl_file_and_back(tmp_path):
+    save_file(to_original_layout(weights(kl_model(18))), tmp_path / "kl.safetensors")
+    save_file(to_original_layout(weights(vq_model(19, boc=(32, 64), latent=4))), tmp_path / "vq.safetensors")
+    with pytest.raises(CheckpointError, match=r"kl\.safetensors: holds a KL autoencoder"):
+        load_vqmodel(tmp_path / "kl.safetensors", device="cpu")
+    with pytest.raises(CheckpointError, match=r"vq\.safetensors: holds a VQ autoencoder"):
+        load_autoencoder_kl(tmp_path / "vq.safetensors", device="cpu")
