@@ -1,0 +1,136 @@
+"""Bad input, one test per case: a clear VQCoreError / CheckpointError naming the file or tensor at fault, and nothing
+else breaks (no code from a pickle runs, a good file still loads afterwards)."""
+
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vqcore.errors import CheckpointError, VQCoreError
+from vqcore.loading import load_autoencoder, load_autoencoder_kl, load_vqmodel
+from vqcore.vae_layouts import to_ldm_names
+from vqcore.vq_model import VQModel
+
+D, AD, U, AU = "DownEncoderBlock2D", "AttnDownEncoderBlock2D", "UpDecoderBlock2D", "AttnUpDecoderBlock2D"
+
+
+@pytest.fixture
+def vq_file(tmp_path):
+    """A small valid VQ checkpoint in taming layout (downscale factor 4, attention in the last level)."""
+    torch.manual_seed(0)
+    model = VQModel(block_out_channels=[32, 32, 64], down_block_types=[D, D, AD], up_block_types=[AU, U, U],
+                    latent_channels=4, num_vq_embeddings=16)
+    path = tmp_path / "good-vq.safetensors"
+    save_file({k: v.contiguous() for k, v in to_ldm_names(model.state_dict()).items()}, path)
+    return path
+
+
+@pytest.fixture
+def vq(vq_file):
+    return load_vqmodel(vq_file, device="cpu")
+
+
+def test_truncated_safetensors(vq_file, tmp_path):
+    broken = tmp_path / "truncated.safetensors"
+    data = vq_file.read_bytes()
+    broken.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"truncated\.safetensors"):
+        load_vqmodel(broken, device="cpu")
+    assert load_vqmodel(vq_file, device="cpu").num_embeddings == 16  # nothing else broke
+
+
+def test_corrupt_safetensors_header(vq_file, tmp_path):
+    broken = tmp_path / "corrupt.safetensors"
+    data = bytearray(vq_file.read_bytes())
+    (header_len,) = struct.unpack("<Q", data[:8])
+    data[9 : 8 + header_len - 1] = b"#" * (header_len - 2)  # keeps the "{...}" frame, destroys the JSON inside
+    broken.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"corrupt\.safetensors"):
+        load_vqmodel(broken, device="cpu")
+
+
+class CreatesMarkerFile:
+    """Unpickling this object calls Path.touch(marker): stand-in for a checkpoint that runs code when loaded."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_pickle_that_runs_code_is_refused_and_not_run(tmp_path):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"encoder.conv_in.weight": torch.zeros(1)}, "payload": CreatesMarkerFile(marker)}, path)
+    with pytest.raises(CheckpointError, match=r"evil\.ckpt: refused"):
+        load_autoencoder(path, device="cpu")
+    assert not marker.exists()
+    with open(path, "rb") as f:  # the file really does run code when unpickled without restrictions
+        torch.load(f, weights_only=False)
+    assert marker.exists()
+
+
+def test_text_encoder_file_given_to_vae_loader(tmp_path):
+    # CLIP text tower key names as transformers 5 writes them (note "encoder." like a VAE's encoder).
+    clip = {
+        "embeddings.token_embedding.weight": torch.randn(10, 8),
+        "embeddings.position_embedding.weight": torch.randn(7, 8),
+        "encoder.layers.0.self_attn.q_proj.weight": torch.randn(8, 8),
+        "encoder.layers.0.mlp.fc1.weight": torch.randn(16, 8),
+        "final_layer_norm.weight": torch.ones(8),
+    }
+    save_file(clip, tmp_path / "clip_l.safetensors")
+    with pytest.raises(CheckpointError, match=r"clip_l\.safetensors: no VAE weights found.*text encoder"):
+        load_autoencoder_kl(tmp_path / "clip_l.safetensors", device="cpu")
+
+
+def test_missing_keys_are_named(vq_file, tmp_path):
+    from safetensors.torch import load_file
+
+    state = load_file(vq_file)
+    del state["decoder.up.0.block.1.conv2.bias"]
+    save_file(state, tmp_path / "missing.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing\.safetensors.*missing keys \(1\): decoder\.up_blocks\.2\.resnets\.1\.conv2\.bias"):
+        load_vqmodel(tmp_path / "missing.safetensors", device="cpu")
+
+
+def test_extra_keys_are_named(vq_file, tmp_path):
+    from safetensors.torch import load_file
+
+    state = load_file(vq_file)
+    state["encoder.down.0.block.0.time_emb_proj.weight"] = torch.zeros(32, 8)
+    save_file(state, tmp_path / "extra.safetensors")
+    with pytest.raises(CheckpointError, match=r"extra\.safetensors.*unexpected keys \(1\): encoder\.down_blocks\.0\.resnets\.0\.time_emb_proj\.weight"):
+        load_vqmodel(tmp_path / "extra.safetensors", device="cpu")
+
+
+def test_image_size_not_divisible_by_downscale_factor(vq):
+    with pytest.raises(VQCoreError, match=r"multiples of 4.*\(1, 3, 18, 16\)"):
+        vq.encode(torch.zeros(1, 3, 18, 16))
+    assert vq.encode(torch.zeros(1, 3, 16, 16)).shape == (1, 4, 4, 4)
+
+
+def test_wrong_channel_count(vq):
+    with pytest.raises(VQCoreError, match=r"\(1, 4, 16, 16\)"):
+        vq.encode(torch.zeros(1, 4, 16, 16))
+
+
+def test_nan_input(vq):
+    x = torch.zeros(1, 3, 16, 16)
+    x[0, 1, 3, 5] = float("nan")
+    with pytest.raises(VQCoreError, match="NaN"):
+        vq.encode(x)
+
+
+def test_shape_mismatch_is_named(tmp_path, vq_file):
+    from safetensors.torch import load_file
+
+    state = load_file(vq_file)
+    state["post_quant_conv.bias"] = torch.zeros(5)
+    save_file(state, tmp_path / "shapes.safetensors")
+    with pytest.raises(CheckpointError, match=r"shape mismatches \(1\): post_quant_conv\.bias \(file \(5,\), model \(4,\)\)"):
+        load_vqmodel(tmp_path / "shapes.safetensors", device="cpu")
+
