@@ -1,0 +1,87 @@
+"""The demo checkpoint, loading, the generate command, and one clear error per kind of bad input."""
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+
+from vqcore.errors import CheckpointError, VQCoreError
+from vqcore.vq_diffusion import demo_vocabulary, load_vq_diffusion, write_demo_vq_diffusion
+
+
+@pytest.fixture(scope="module")
+def demo_folder(tmp_path_factory):
+    return write_demo_vq_diffusion(tmp_path_factory.mktemp("vqd") / "demo", seed=0)
+
+
+@pytest.fixture(scope="module")
+def demo(demo_folder):
+    return load_vq_diffusion(demo_folder, device="cpu")
+
+
+def test_demo_model_loads_and_generates(demo):
+    assert demo.null_embeddings.shape == (77, 32)
+    vocab = demo_vocabulary()
+    assert demo.text_encoder.tokenizer("ab").input_ids == [vocab["<|startoftext|>"], vocab["a"], vocab["b</w>"], vocab["<|endoftext|>"]]
+    tokens = demo.generate(["a red cube"], num_images_per_prompt=2, steps=4, mode="fast", seed=1)
+    assert tokens.shape == (2, 16, 16) and tokens.dtype == torch.long
+    again = demo.generate(["a red cube"], num_images_per_prompt=2, steps=4, mode="fast", seed=1)
+    assert torch.equal(tokens, again)
+    images = demo.decode(tokens)
+    assert images.shape == (2, 3, 128, 128) and torch.isfinite(images).all()
+
+
+def test_generate_command_writes_png(demo_folder, tmp_path, capsys):
+    from PIL import Image
+
+    from vqcore.__main__ import main
+
+    out = tmp_path / "out.png"
+    assert main(["generate", "a red cube", str(out), "--checkpoint", str(demo_folder), "--steps", "3", "--mode", "fast"]) == 0
+    assert "step 3/3" in capsys.readouterr().out
+    assert Image.open(out).size == (128, 128)
+
+
+def test_long_prompt_warns_with_the_cut_text(demo, caplog):
+    with caplog.at_level(logging.WARNING):
+        demo.text_encoder.encode([" ".join(["cat"] * 30) + " zebra"])
+    assert "zebra" in caplog.text
+
+
+def test_token_ids_out_of_range(demo):
+    bad = torch.full((1, 256), 65)
+    with pytest.raises(VQCoreError, match=r"\[0, 64\]"):
+        demo.transformer(bad, torch.zeros(1, 77, 32), 5)
+
+
+def test_token_grid_not_matching_the_checkpoint(demo):
+    with pytest.raises(VQCoreError, match="16x16"):
+        demo.generate(["x"], steps=2, mode="fast", init_tokens=torch.zeros(1, 8, 8, dtype=torch.long))
+
+
+@pytest.mark.parametrize("steps", [0, 101])
+def test_steps_outside_the_schedule(demo, steps):
+    with pytest.raises(VQCoreError, match="steps must be an integer in"):
+        demo.generate(["x"], steps=steps, mode="fast")
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.5, -0.2])
+def test_truncation_outside_zero_one(demo, rate):
+    with pytest.raises(VQCoreError, match="truncation rate"):
+        demo.generate(["x"], steps=2, mode="fast", truncation_rate=rate)
+
+
+def test_missing_tokenizer_files(demo_folder, tmp_path):
+    broken = shutil.copytree(demo_folder, tmp_path / "broken")
+    (broken / "tokenizer" / "vocab.json").unlink()
+    with pytest.raises(CheckpointError, match="tokenizer"):
+        load_vq_diffusion(broken, device="cpu")
+
+
+def test_folder_that_is_not_vq_diffusion(tmp_path):
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(CheckpointError, match="not a VQ-Diffusion checkpoint"):
+        load_vq_diffusion(tmp_path, device="cpu")
