@@ -6,14 +6,13 @@ import json
 
 import pytest
 import torch
+from ldm_layout import to_old_diffusers_names, to_original_layout, to_patch_vqgan
 from safetensors.torch import save_file
 
-from ldm_layout import to_old_diffusers_names, to_original_layout, to_patch_vqgan
+from vqcore.errors import CheckpointError
+from vqcore.loading import load_autoencoder, load_autoencoder_kl, load_vqmodel
 
 diffusers = pytest.importorskip("diffusers")
-
-from vqcore.errors import CheckpointError  # noqa: E402
-from vqcore.loading import load_autoencoder, load_autoencoder_kl, load_vqmodel  # noqa: E402
 
 ATOL = 1e-5
 D, AD, U, AU = "DownEncoderBlock2D", "AttnDownEncoderBlock2D", "UpDecoderBlock2D", "AttnUpDecoderBlock2D"
@@ -78,7 +77,9 @@ def assert_kl_matches(model, ref, size=16, batch=2):
 
 
 def assert_same_architecture(model, ref):
-    as_list = lambda value: list(value) if isinstance(value, (list, tuple)) else value  # noqa: E731
+    def as_list(value):
+        return list(value) if isinstance(value, (list, tuple)) else value
+
     for field in ARCHITECTURE_FIELDS:
         assert as_list(model.config[field]) == as_list(ref.config[field]), field
 
@@ -242,7 +243,9 @@ def test_pipeline_folder_with_vqvae_component(tmp_path):
 def test_family_option_sets_latent_constants(tmp_path):
     ref = kl_model(16)
     save_file(to_original_layout(weights(ref)), tmp_path / "vae.safetensors")
-    load = lambda family: load_autoencoder_kl(tmp_path / "vae.safetensors", device="cpu", family=family)  # noqa: E731
+    def load(family):
+        return load_autoencoder_kl(tmp_path / "vae.safetensors", device="cpu", family=family)
+
     assert load("auto").config["scaling_factor"] == 0.18215
     sdxl = load("sdxl")
     assert (sdxl.config["scaling_factor"], sdxl.config["force_upcast"]) == (0.13025, True)
@@ -274,3 +277,17 @@ def test_vq_loader_refuses_kl_file_and_back(tmp_path):
         load_vqmodel(tmp_path / "kl.safetensors", device="cpu")
     with pytest.raises(CheckpointError, match=r"vq\.safetensors: holds a VQ autoencoder"):
         load_autoencoder_kl(tmp_path / "vq.safetensors", device="cpu")
+
+
+@pytest.mark.parametrize("family, config", [
+    ("vq-f4", dict(block_out_channels=[128, 256, 512], latent_channels=3, num_vq_embeddings=8192)),
+    ("vq-f8", dict(block_out_channels=[128, 256, 256, 512], latent_channels=4, num_vq_embeddings=16384)),
+    ("movq", dict(block_out_channels=[128, 256, 256, 512], latent_channels=4, num_vq_embeddings=16384, norm_type="spatial")),
+    ("vq-f16", dict(block_out_channels=[128, 128, 256, 256, 512], latent_channels=8, num_vq_embeddings=16384)),
+    ("ithq", dict(block_out_channels=[64, 128, 256, 512], latent_channels=256, vq_embed_dim=128, num_vq_embeddings=4096)),
+    (None, dict(block_out_channels=[32, 64], latent_channels=4, num_vq_embeddings=16384)),
+])
+def test_vq_family_identified_from_published_shapes(family, config):
+    from vqcore.vae_layouts import identify_vq_family
+
+    assert identify_vq_family(config) == family

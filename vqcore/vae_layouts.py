@@ -61,7 +61,10 @@ def select_vae_keys(keys, source) -> dict:
 def describe_checkpoint(keys) -> str:
     """A short guess at what a weight file holds, for error messages."""
     keys = list(keys)
-    has = lambda *parts: any(all(p in k for p in parts) for k in keys)  # noqa: E731
+
+    def has(*parts):
+        return any(all(p in k for p in parts) for k in keys)
+
     if has("token_embedding") or has("text_model.") or has("embed_tokens"):
         return "a text encoder (CLIP/T5-style token embeddings), not a VAE"
     if has("shared.weight") or has("encoder.block.", "layer."):
@@ -224,7 +227,9 @@ def infer_config(state: dict, source) -> dict:
     levels = _levels(state, r"encoder\.down_blocks\.(\d+)\.")
     if levels == 0:
         raise CheckpointError(f"{source}: cannot infer the VAE architecture: no encoder.down_blocks.* tensors")
-    has_attention = lambda block: f"{block}.attentions.0.to_q.weight" in state  # noqa: E731
+    def has_attention(block):
+        return f"{block}.attentions.0.to_q.weight" in state
+
     config = {
         "in_channels": shape("encoder.conv_in.weight")[1],
         "out_channels": shape("decoder.conv_out.weight")[0],
@@ -312,27 +317,32 @@ KEY_HINTS = (("edm_mean", "playground-v2.5"), ("model.diffusion_model.joint_bloc
 
 def identify_vq_family(config: dict):
     """The VQ family whose published shapes the config matches, or None."""
-    for name, signature in VQ_FAMILIES.items():
-        if all(list(config.get(k)) == v if isinstance(v, list) else config.get(k) == v for k, v in signature.items()):
-            return name
-    return None
+    shapes = {
+        **config,
+        "block_out_channels": list(config.get("block_out_channels") or []),
+        "vq_embed_dim": config.get("vq_embed_dim") or config.get("latent_channels"),
+        "norm_type": config.get("norm_type", "group"),
+    }
+    return next((name for name, signature in VQ_FAMILIES.items() if signature.items() <= shapes.items()), None)
 
 
 def guess_kl_family(config: dict, file_name: str = "", keys=()):
     """The most likely KL family for a file without config.json: surrounding checkpoint keys, then the file name,
     then the default for its latent channel count; None when nothing fits (the model's own defaults then apply)."""
-    latent = config["latent_channels"]
-    fits = lambda family: KL_FAMILIES[family]["latent_channels"] == latent  # noqa: E731
+
+    def fits(family):
+        return KL_FAMILIES[family]["latent_channels"] == config["latent_channels"]
+
     for fragment, family in KEY_HINTS:
         if fits(family) and any(k.startswith(fragment) for k in keys):
             return family
-    stem = file_name.lower()
-    if stem in ("ae.safetensors", "ae.sft") and fits("flux"):
+    name = file_name.lower()
+    if name in ("ae.safetensors", "ae.sft") and fits("flux"):
         return "flux"
     for fragment, family in NAME_HINTS:
-        if fragment in stem and fits(family):
+        if fragment in name and fits(family):
             return family
-    return DEFAULT_KL_FAMILY.get(latent)
+    return DEFAULT_KL_FAMILY.get(config["latent_channels"])
 
 
 def apply_family(config: dict, family: str, source) -> dict:
