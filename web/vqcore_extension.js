@@ -44,18 +44,22 @@ export function attachPanel(node) {
         const sections = panelFromOutput(output);
         this.vqcorePanel = sections ? { sections, layout: null, width: 0 } : null;
         if (sections) {
-            const [minWidth, minHeight] = this.computeSize();
-            this.setSize([Math.max(this.size[0], minWidth), Math.max(this.size[1], minHeight)]);
+            // Widen first: the panel's height is final only at its minimum width.
+            this.setSize([Math.max(this.size[0], this.computeSize()[0]), this.size[1]]);
+            this.setSize([this.size[0], Math.max(this.size[1], this.computeSize()[1])]);
         }
         this.setDirtyCanvas?.(true, true);
     };
 
-    // The panel sits at the bottom of the node; its height is added to the node's minimum size.
+    // The panel sits at the bottom of the node; it sets the node's minimum width and adds to its minimum height.
     const computeSize = node.computeSize;
     node.computeSize = function (...args) {
         const size = computeSize.apply(this, args);
         const layout = currentLayout(this);
-        if (layout) size[1] += layout.height;
+        if (layout) {
+            size[0] = Math.max(size[0], layout.minWidth);
+            size[1] += layout.height;
+        }
         return size;
     };
 

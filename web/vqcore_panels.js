@@ -9,6 +9,10 @@ const PADDING = 6;
 const HISTOGRAM_HEIGHT = 36;
 const MAX_MAP_HEIGHT = 96;
 const MAX_TILE_GRID_HEIGHT = 80;
+// Average advance of the 12px sans-serif panel font; the layout must not depend on a canvas to measure text.
+const CHAR_WIDTH = 6.6;
+// Drawings wider than this (extreme aspect ratios) shrink with the node instead of widening it further.
+const MAX_DRAWING_WIDTH = 480;
 
 export const COLORS = {
     text: "#ddd",
@@ -183,7 +187,19 @@ function tileGridOps(tiles, x, y, width) {
     return { ops, height: h };
 }
 
-// Sections -> {height, ops}; ops are in panel coordinates (0,0 = panel top-left), text y is the baseline.
+// Narrowest node that shows every line in full and every drawing at its full height, so that the panel's
+// height does not change when the node is widened beyond it.
+export function panelMinWidth(sections) {
+    let widest = 0;
+    for (const section of sections) {
+        for (const line of section.lines) widest = Math.max(widest, line.length * CHAR_WIDTH);
+        if (section.map) widest = Math.max(widest, Math.min(MAX_DRAWING_WIDTH, (MAX_MAP_HEIGHT * section.map.cols) / section.map.rows));
+        if (section.tiles) widest = Math.max(widest, Math.min(MAX_DRAWING_WIDTH, MAX_TILE_GRID_HEIGHT * section.tiles.aspect));
+    }
+    return Math.ceil(widest + 2 * PADDING);
+}
+
+// Sections -> {height, minWidth, ops}; ops are in panel coordinates (0,0 = panel top-left), text y is the baseline.
 export function layoutPanel(sections, width) {
     const inner = Math.max(1, width - 2 * PADDING);
     const ops = [];
@@ -206,5 +222,5 @@ export function layoutPanel(sections, width) {
         }
         y += PADDING;
     }
-    return { height: Math.ceil(y), ops };
+    return { height: Math.ceil(y), minWidth: panelMinWidth(sections), ops };
 }

@@ -50,6 +50,14 @@ def comfyui_path():
     return path if (path / "main.py").is_file() and (path / "comfy").is_dir() else None
 
 
+def comfyui_python(comfy_dir: Path) -> str:
+    """The interpreter for ComfyUI: COMFYUI_PYTHON, else the environment setup_comfyui.sh made, else ours."""
+    if os.environ.get("COMFYUI_PYTHON"):
+        return os.environ["COMFYUI_PYTHON"]
+    venv_python = comfy_dir / ".venv" / "bin" / "python"
+    return str(venv_python) if venv_python.is_file() else sys.executable
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -82,8 +90,10 @@ class ComfyServer:
         models = self.base_dir / "models"
         models.mkdir(exist_ok=True)
         if (REPO_ROOT / "vqcore" / "__main__.py").is_file():
-            subprocess.run([sys.executable, "-m", "vqcore", "demo-models", str(models)], cwd=REPO_ROOT,
-                           check=True, timeout=600, capture_output=True)
+            done = subprocess.run([sys.executable, "-m", "vqcore", "demo-models", str(models)], cwd=REPO_ROOT,
+                                  timeout=600, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"python -m vqcore demo-models failed:\n{done.stderr[-4000:]}")
         hook_dir = self.base_dir / "python_hooks"
         hook_dir.mkdir(exist_ok=True)
         (hook_dir / "sitecustomize.py").write_text(TORCHVISION_HOOK)
@@ -92,7 +102,7 @@ class ComfyServer:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.base_dir / "python_hooks"), env.get("PYTHONPATH")]))
         env["PYTHONUNBUFFERED"] = "1"
-        command = [sys.executable, "main.py", "--cpu", "--listen", HOST, "--port", str(self.port),
+        command = [comfyui_python(self.comfy_dir), "main.py", "--cpu", "--listen", HOST, "--port", str(self.port),
                    "--disable-auto-launch", "--base-directory", str(self.base_dir),
                    "--database-url", "sqlite:///:memory:", "--log-stdout"]
         with open(self.log_path, "wb") as log:

@@ -1,41 +1,42 @@
 #!/usr/bin/env bash
-# Installs what a ComfyUI source checkout needs to start headless on CPU, into the current Python,
-# without replacing the torch that is already installed (ComfyUI's requirements.txt lists unpinned
-# torch/torchvision/torchaudio, which would pull CUDA builds).
+# Prepares a ComfyUI source checkout for the real-host tests: a virtual environment at COMFYUI_DIR/.venv that
+# sees this Python's packages (torch included) and adds ComfyUI's own requirements, without replacing torch.
+# ComfyUI's requirements.txt lists unpinned torch/torchvision/torchaudio, which would pull CUDA builds.
 #
 #   bash tests/integration/setup_comfyui.sh /path/to/ComfyUI
 #   COMFYUI_PATH=/path/to/ComfyUI python -m pytest tests/integration
 #
-# torchvision is installed without its dependencies; its C++ ops do not load beside a CPU-only torch,
-# so the integration harness puts a small import hook (sitecustomize) on ComfyUI's PYTHONPATH.
+# torchvision lives only in that environment: beside a CPU-only torch its C++ ops do not load, and an import
+# of it fails (which breaks transformers wherever it is installed). The test harness starts ComfyUI with
+# COMFYUI_DIR/.venv/bin/python and an import hook that makes torchvision importable there.
 set -euo pipefail
 
 comfy_dir="${1:?usage: setup_comfyui.sh COMFYUI_DIR}"
 requirements="$comfy_dir/requirements.txt"
 [ -f "$requirements" ] || { echo "no requirements.txt in $comfy_dir" >&2; exit 1; }
 
-python=${PYTHON:-python}
+base_python=${PYTHON:-python}
+venv="$comfy_dir/.venv"
+"$base_python" -m venv --system-site-packages "$venv"
+python="$venv/bin/python"
+
 torch_version=$("$python" -c "import torch; print(torch.__version__.split('+')[0])")
-pin=$(mktemp)
-trap 'rm -f "$pin"' EXIT
-echo "torch==$torch_version" > "$pin"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+echo "torch==$torch_version" > "$work/pin.txt"
 
-# Every requirement except the torch family, with torch pinned to the installed build.
-grep -v -E '^\s*(#|$)' "$requirements" | grep -v -E '^(torch|torchvision|torchaudio)\b' \
-    | grep -v -E '^spandrel\b' > "$pin.req"
-echo requests >> "$pin.req"   # imported by app/frontend_management.py, missing from requirements.txt
-"$python" -m pip install -c "$pin" -r "$pin.req"
-rm -f "$pin.req"
+# Every requirement except the torch family (and spandrel, which depends on torchvision), torch pinned.
+grep -v -E '^\s*(#|$)' "$requirements" | grep -v -E '^(torch|torchvision|torchaudio|spandrel)\b' > "$work/req.txt"
+echo requests >> "$work/req.txt"   # imported by app/frontend_management.py, missing from requirements.txt
+"$python" -m pip install -c "$work/pin.txt" -r "$work/req.txt"
 
-# torchvision matching torch's minor release (torch 2.N <-> torchvision 0.(N+15)), no dependencies.
+# torchvision matching torch's minor release (torch 2.N <-> torchvision 0.(N+15)), and spandrel, without deps.
 tv_minor=$("$python" -c "import torch; print(int(torch.__version__.split('.')[1]) + 15)")
-"$python" -m pip install --no-deps "torchvision==0.$tv_minor.*"
-# spandrel declares torchvision as a dependency; install it alone.
-"$python" -m pip install --no-deps spandrel
+"$python" -m pip install --no-deps "torchvision==0.$tv_minor.*" spandrel
 
 installed=$("$python" -c "import torch; print(torch.__version__.split('+')[0])")
 if [ "$installed" != "$torch_version" ]; then
     echo "torch changed from $torch_version to $installed" >&2
     exit 1
 fi
-echo "ComfyUI requirements installed; torch $installed kept."
+echo "ComfyUI environment ready in $venv (torch $installed kept)."

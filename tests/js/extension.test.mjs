@@ -66,6 +66,7 @@ test("our node shows the panel after execution and grows to fit it", () => {
     assert.equal(previous, payload, "an existing onExecuted still runs");
     assert.ok(node.dirty);
     assert.ok(node.size[1] > 80, "node height includes the panel");
+    assert.ok(node.size[0] >= 240, "node is never narrowed");
 
     const ctx = recordingContext();
     node.onDrawForeground(ctx);
@@ -106,4 +107,13 @@ test("tile payload draws one framed cell per tile", () => {
     const ctx = recordingContext();
     node.onDrawForeground(ctx);
     assert.equal(ctx.calls.filter((c) => c[0] === "strokeRect").length, 6);
+});
+
+test("a narrow node is widened to show the panel's longest line", () => {
+    const node = fakeNode("VQCoreEncode");
+    node.size = [100, 100];
+    extension.nodeCreated(node);
+    node.onExecuted({ vqcore_tokens: [{ grid: [64, 64], used: 1000, codebook: 8192 }] });
+    assert.ok(node.size[0] > "1,000 / 8,192 codes used (12%)".length * 5);
+    assert.deepEqual(node.computeSize().map(Math.round), node.size.map(Math.round));
 });

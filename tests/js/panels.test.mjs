@@ -10,6 +10,7 @@ import {
     formatRate,
     layoutPanel,
     panelFromOutput,
+    panelMinWidth,
 } from "../../web/vqcore_panels.js";
 
 const tokens = { grid: [16, 16], used: 87, codebook: 1024, histogram: [5, 0, 12, 3] };
@@ -130,4 +131,23 @@ test("layout: panel height grows with each section", () => {
     const one = layoutPanel(panelFromOutput({ vqcore_sampler: [sampler] }), 200).height;
     const two = layoutPanel(panelFromOutput({ vqcore_sampler: [sampler], vqcore_tiles: [tiles] }), 200).height;
     assert.ok(one > 0 && two > one);
+});
+
+test("minimum width fits the longest line and keeps drawings at full height", () => {
+    const sampled = panelFromOutput({ vqcore_sampler: [sampler] });
+    const textOnly = panelMinWidth(sampled);
+    assert.ok(textOnly > sampled[0].lines[0].length * 5 && textOnly < sampled[0].lines[0].length * 9);
+
+    const wide = panelFromOutput({ vqcore_tiles: [{ ...tiles, image_px: [512, 2048] }] });
+    const min = panelMinWidth(wide);
+    assert.ok(min >= 80 * 4, "the tile grid is drawn at its full height");
+    assert.equal(layoutPanel(wide, min).height, layoutPanel(wide, min + 300).height);
+    assert.equal(layoutPanel(wide, min).minWidth, min);
+    const extreme = panelFromOutput({ vqcore_tiles: [{ ...tiles, image_px: [512, 8192] }] });
+    assert.ok(panelMinWidth(extreme) <= 480 + 12, "extreme aspect ratios are capped");
+
+    const map = panelFromOutput({ vqcore_tokens: [{ ...tokens, map: new Array(8).fill(1), map_grid: [2, 4] }] });
+    const mapMin = panelMinWidth(map);
+    assert.equal(layoutPanel(map, mapMin).height, layoutPanel(map, mapMin + 200).height);
+    assert.ok(layoutPanel(map, mapMin - 100).height < layoutPanel(map, mapMin).height);
 });
