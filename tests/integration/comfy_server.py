@@ -91,7 +91,7 @@ class ComfyServer:
         models.mkdir(exist_ok=True)
         if (REPO_ROOT / "vqcore" / "__main__.py").is_file():
             done = subprocess.run([sys.executable, "-m", "vqcore", "demo-models", str(models)], cwd=REPO_ROOT,
-                                  timeout=600, capture_output=True, text=True)
+                                  check=False, timeout=600, capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"python -m vqcore demo-models failed:\n{done.stderr[-4000:]}")
         hook_dir = self.base_dir / "python_hooks"
