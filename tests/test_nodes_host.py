@@ -121,3 +121,49 @@ def test_model_folders_merge_with_user_configured_paths(pack, demo_models, tmp_p
         assert "mine.safetensors" in choices and VQ_FILE in choices
         for folder in ("vae", "checkpoints", "diffusers"):
             assert fake.folders.folder_names_and_paths[folder][0] == [str(demo_models / folder)]
+
+
+@pytest.fixture
+def vq_diffusion(pack, fake):
+    model, clip, vq_vae = node(pack, "VQCoreLoadVQDiffusion").load("vq-diffusion-demo")
+    (positive,) = node(pack, "VQCoreCLIPTextEncode").encode(clip, "a red cube")
+    return model, positive, vq_vae
+
+
+def run_sampler(pack, model, positive, steps=8, **options):
+    return node(pack, "VQCoreVQDiffusionSampler").sample(model, positive, seed=3, steps=steps, guidance=5.0,
+                                                        sampling_mode="fast", batch_size=1, unique_id="9", **options)
+
+
+def test_sampler_loads_models_first_reports_progress_to_total_and_sends_previews(pack, fake, vq_diffusion):
+    model, positive, vq_vae = vq_diffusion
+    fake.events.clear()
+    fake.record_compute(model.transformer)
+    out = run_sampler(pack, model, positive)
+    load = fake.events[fake.index("load")]
+    assert fake.index("load") < fake.index("compute")
+    assert model.patcher in load[1] and vq_vae.patcher in load[1] and load[2] > 0 and load[3] is True
+    bar = fake.progress_bars[-1]
+    assert (bar.current, bar.total, bar.node_id) == (8, 8, "9")
+    assert bar.previews, "no preview was sent"
+    kind, image, max_size = bar.previews[-1]
+    assert kind == "JPEG" and image.size == (128, 128) and max_size > 0
+    assert out["result"][0]["indices"].shape == (1, 16, 16)
+    assert out["ui"]["vqcore_sampler"][0]["steps"] == 8
+
+
+def test_interrupt_stops_the_sampler_within_one_step_and_leaves_inputs_untouched(pack, fake, vq_diffusion):
+    model, positive, vq_vae = vq_diffusion
+    image = torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(1))
+    tokens = node(pack, "VQCoreEncode").encode(vq_vae, image)["result"][1]
+    before = tokens["indices"].clone()
+    mask = torch.zeros(1, 128, 128)
+    mask[:, 32:96, 32:96] = 1
+    fake.events.clear()
+    fake.record_compute(model.transformer)
+    fake.interrupt_checks, fake.interrupt_after_checks = 0, 4  # checked before every step: stop before step 4
+    with pytest.raises(InterruptProcessingException):
+        run_sampler(pack, model, positive, steps=20, tokens=tokens, mask=mask)
+    assert sum(e[0] == "compute" for e in fake.events) == 3, "steps ran after the interrupt"
+    assert torch.equal(tokens["indices"], before), "the input tokens were modified"
+    assert model.truncation_rate == 1.0

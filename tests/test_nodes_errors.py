@@ -1,0 +1,88 @@
+"""Bad input through the nodes: each error is a VQCoreError whose message starts with the node input at fault."""
+
+import shutil
+
+import pytest
+import torch
+
+from nodes_support import demo_models, plain_host  # noqa: F401  (demo_models is a fixture)
+
+
+@pytest.fixture
+def nodes(pack, demo_models):  # noqa: F811
+    with plain_host(pack, demo_models):
+        yield {node_id: cls() for node_id, cls in pack.NODE_CLASS_MAPPINGS.items()}
+
+
+@pytest.fixture
+def error(pack):
+    def raised(input_name, fn, *args, **kwargs):
+        with pytest.raises(pack.vqcore.errors.VQCoreError) as info:
+            fn(*args, **kwargs)
+        message = str(info.value)
+        assert message.startswith(f"{input_name}:"), message
+        return message
+    return raised
+
+
+def tokens_of(nodes, vq_vae, size=32):
+    image = torch.rand(1, size, size, 3, generator=torch.Generator().manual_seed(0))
+    return nodes["VQCoreEncode"].encode(vq_vae, image)["result"][1]
+
+
+def test_missing_model_file(nodes, error):
+    message = error("vq_model_name", nodes["VQCoreLoadVQModel"].load, "gone.safetensors")
+    assert "gone.safetensors" in message and "vq_models" in message
+    error("vae_name", nodes["VQCoreLoadAutoencoderKL"].load, "checkpoints:gone.ckpt")
+    error("checkpoint", nodes["VQCoreLoadVQDiffusion"].load, "no-such-folder")
+
+
+def test_model_file_deleted_after_listing(pack, demo_models, tmp_path, error):  # noqa: F811
+    models = tmp_path / "models"
+    shutil.copytree(demo_models / "vq_models", models / "vq_models")
+    with plain_host(pack, models):
+        loader = pack.NODE_CLASS_MAPPINGS["VQCoreLoadVQModel"]()
+        path = models / "vq_models" / "demo-vq-f8.safetensors"
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # an interrupted download
+        message = error("vq_model_name", loader.load, "demo-vq-f8.safetensors")
+        assert "demo-vq-f8.safetensors" in message
+
+
+def test_wrong_model_kind_in_a_loader(nodes, error):
+    assert "AutoencoderKL" in error("vq_model_name", nodes["VQCoreLoadVQModel"].load, "diffusers:demo-sd-vae")
+    assert "VQModel" in error("vae_name", nodes["VQCoreLoadAutoencoderKL"].load, "diffusers:demo-ithq-vqvae")
+    message = error("vae_name", nodes["VQCoreLoadAutoencoderKL"].load, "demo-flux-ae.safetensors", family="sdxl")
+    assert "sdxl" in message
+
+
+def test_tokens_from_another_codebook(nodes, error):
+    (f8,) = nodes["VQCoreLoadVQModel"].load("demo-vq-f8.safetensors")
+    (movq,) = nodes["VQCoreLoadVQModel"].load("demo-movq.safetensors")
+    tokens = tokens_of(nodes, f8)
+    assert "different codebook" in error("tokens", nodes["VQCoreDecode"].decode, movq, tokens=tokens)
+    error("tokens", nodes["VQCoreTiledVAEDecode"].decode, movq, 64, tokens=tokens)
+    model, clip, _ = nodes["VQCoreLoadVQDiffusion"].load("vq-diffusion-demo")
+    (positive,) = nodes["VQCoreCLIPTextEncode"].encode(clip, "x")
+    error("tokens", nodes["VQCoreVQDiffusionSampler"].sample, model, positive, 0, 4, 5.0, "fast", 1, 1.0,
+          tokens=tokens)
+
+
+def test_mask_of_the_wrong_size(nodes, error):
+    model, clip, vq_vae = nodes["VQCoreLoadVQDiffusion"].load("vq-diffusion-demo")
+    (positive,) = nodes["VQCoreCLIPTextEncode"].encode(clip, "x")
+    tokens = tokens_of(nodes, vq_vae, size=128)
+    sample = nodes["VQCoreVQDiffusionSampler"].sample
+    message = error("mask", sample, model, positive, 0, 4, 5.0, "fast", 1, 1.0, tokens=tokens,
+                    mask=torch.ones(1, 100, 100))
+    assert "100x100" in message and "128x128" in message
+    error("mask", sample, model, positive, 0, 4, 5.0, "fast", 1, 1.0, mask=torch.ones(1, 128, 128))
+
+
+def test_image_too_small_and_other_shapes(nodes, error):
+    (f8,) = nodes["VQCoreLoadVQModel"].load("demo-vq-f8.safetensors")
+    assert "4x4" in error("image", nodes["VQCoreEncode"].encode, f8, torch.rand(1, 4, 4, 3))
+    error("samples", nodes["VQCoreDecode"].decode, f8, samples={"samples": torch.zeros(1, 3, 4, 4)})
+    error("tile_size", nodes["VQCoreTiledVAEDecode"].decode, f8, 8, samples={"samples": torch.zeros(1, 4, 4, 4)})
+    (vae,) = nodes["VQCoreLoadAutoencoderKL"].load("demo-sd-vae.safetensors")
+    error("samples", vae.decode, torch.zeros(1, 16, 4, 4))
+    error("vq_vae", nodes["VQCoreEncode"].encode, vae, torch.rand(1, 32, 32, 3))
