@@ -59,7 +59,7 @@ def assert_vq_matches(model, ref, size=16, batch=2):
         latents, ref_latents = model.encode(x), ref.encode(x).latents
         _, _, indices = model.quantize(latents)
         _, _, (_, _, ref_indices) = ref.quantize(ref_latents)
-        decoded, ref_decoded = model.decode(latents), ref.decode(ref_latents).sample
+        decoded, ref_decoded = model.decode(ref_latents), ref.decode(ref_latents).sample  # each stage on the same input
     assert (latents - ref_latents).abs().max() <= ATOL
     assert torch.equal(indices.flatten(), ref_indices.flatten())
     assert indices.unique().numel() > 1
@@ -70,7 +70,7 @@ def assert_kl_matches(model, ref, size=16, batch=2):
     x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
         posterior, ref_posterior = model.encode(x), ref.encode(x).latent_dist
-        decoded, ref_decoded = model.decode(posterior.mean), ref.decode(ref_posterior.mean).sample
+        decoded, ref_decoded = model.decode(ref_posterior.mean), ref.decode(ref_posterior.mean).sample
     assert (posterior.mean - ref_posterior.mean).abs().max() <= ATOL
     assert (posterior.logvar - ref_posterior.logvar).abs().max() <= ATOL
     assert (decoded - ref_decoded).abs().max() <= ATOL
