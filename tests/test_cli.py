@@ -2,14 +2,16 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
 from PIL import Image
 
 from vqcore.__main__ import main
 from vqcore.loading import load_autoencoder
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Every single file demo-models must write, with the model kind and latent scaling its loader should find.
 EXPECTED_FILES = {
