@@ -14,8 +14,8 @@ upsampling, LDM's pad-right-bottom stride-2 downsampling) -> up to the next norm
   each operation's result is cropped to exactly what the next one needs, and only the core is kept. Zero padding is
   applied only at the true image border, so every core value equals the full-map value.
 * The core is written into the segment's output map, kept on the offload device (CPU by default) in horizontal
-  bands, one per tile row. While the cores are written, the statistics the next norm needs (per group sum and sum of
-  squares, accumulated in float64) are gathered from them; each pixel is counted once.
+  bands, one per tile row. While the cores are written, the statistics the next norm needs (per group mean and
+  variance, merged across tiles in float64) are gathered from them; each pixel is counted once.
 * The next segment then normalises with those global statistics, so each norm sees exactly what the full pass sees.
 * Maps are freed as soon as no later segment reads them, and within their last segment band by band as the tile rows
   pass, so the offload device holds little more than one segment's input and output.
@@ -68,11 +68,9 @@ class Conv3x3:
         return max(want[0] - 1, 0), min(want[1] + 1, size[0]), max(want[2] - 1, 0), min(want[3] + 1, size[1])
 
     def run(self, x, have, want, size, ctx):
-        # Pad with zeros only where the region touches the image border; elsewhere the halo holds real pixels.
-        pad = (int(have[2] == 0), int(have[3] == size[1]), int(have[0] == 0), int(have[1] == size[0]))
-        y = F.conv2d(F.pad(x, pad) if any(pad) else x, self.conv.weight, self.conv.bias)
-        got = (have[0] + 1 - pad[2], have[1] - 1 + pad[3], have[2] + 1 - pad[0], have[3] - 1 + pad[1])
-        return crop(y, got, want)
+        # The layer's own zero padding is right at the image border; next to an interior edge it makes wrong values,
+        # but only in the outermost row/column, which `want` (at least one pixel in from such an edge) leaves out.
+        return crop(self.conv(x), have, want)
 
 
 class Upsample2x:
@@ -209,22 +207,28 @@ class StageMap:
 
 
 class GroupStats:
-    """Per-group sum and sum of squares in float64, accumulated from tile cores."""
+    """Per-group mean and variance over the whole map, merged from tile cores.
+
+    Each tile gives its per-group mean and variance in one fused pass (var_mean); tiles are merged in float64 with
+    Chan's parallel formula, which, unlike sum and sum of squares, does not cancel when the mean is large.
+    """
 
     def __init__(self, groups):
         self.groups = groups
-        self.sum = self.sum_sq = 0.0
-        self.count = 0
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
 
     def add(self, core):
-        x = core.to(torch.float64).reshape(self.groups, -1)
-        self.sum = self.sum + x.sum(dim=1)
-        self.sum_sq = self.sum_sq + x.square().sum(dim=1)
-        self.count += x.shape[1]
+        var, mean = torch.var_mean(core.reshape(self.groups, -1), dim=1, correction=0)
+        n = core.numel() // self.groups
+        var, mean = var.double(), mean.double()
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + var * n + delta.square() * (self.count * n / total)
+        self.count = total
 
     def mean_var(self):
-        mean = self.sum / self.count
-        return mean, (self.sum_sq / self.count - mean.square()).clamp_min(0.0)
+        return self.mean, self.m2 / self.count
 
 
 # ---------------------------------------------------------------------------------------------------------------------
