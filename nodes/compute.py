@@ -41,7 +41,7 @@ class AutoencoderHandle:
 
     @property
     def model(self):
-        return self.patcher.model
+        return host.unwrap(self.patcher)
 
     @property
     def dtype(self):

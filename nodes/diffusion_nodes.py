@@ -45,7 +45,7 @@ class VQDiffusionHandle:
 
     @property
     def transformer(self):
-        return self.patcher.model
+        return host.unwrap(self.patcher)
 
     def patched(self, **settings):
         """A copy sharing the weights, with other sampling settings (as ComfyUI's ModelPatcher.clone())."""

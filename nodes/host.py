@@ -92,6 +92,16 @@ def oom_exception():
     return torch.OutOfMemoryError if mm is None else mm.OOM_EXCEPTION
 
 
+class HostedModel(torch.nn.Module):
+    """The module handed to the memory manager: ComfyUI's ModelPatcher writes bookkeeping attributes onto the module
+    it manages (`device`, `model_lowvram`, ...), and our models (and transformers') expose `device` as a read-only
+    property, so the patcher manages this holder and the model sits inside it."""
+
+    def __init__(self, wrapped: torch.nn.Module):
+        super().__init__()
+        self.wrapped = wrapped
+
+
 class PlainPatcher:
     """Stand-in for ComfyUI's ModelPatcher: the same attributes, and loading is a plain `.to(device)`."""
 
@@ -103,12 +113,17 @@ class PlainPatcher:
 
 
 def wrap_model(model: torch.nn.Module, role: str):
-    """Hands a module to the host's memory manager (ModelPatcher in ComfyUI); it starts on the offload device."""
+    """Hands a module to the host's memory manager (ModelPatcher in ComfyUI); it starts on the offload device.
+    `unwrap(patcher)` gives the module back."""
     model.eval().requires_grad_(False)
     load, offload = compute_device(role), offload_device(role)
     if model_patcher is None:
-        return PlainPatcher(model.to(load), load, offload)
-    return model_patcher.ModelPatcher(model.to(offload), load_device=load, offload_device=offload)
+        return PlainPatcher(HostedModel(model.to(load)), load, offload)
+    return model_patcher.ModelPatcher(HostedModel(model.to(offload)), load_device=load, offload_device=offload)
+
+
+def unwrap(patcher) -> torch.nn.Module:
+    return patcher.model.wrapped
 
 
 def load_models(patchers, memory_required: int = 0):
