@@ -106,7 +106,7 @@ function tileSection(entries) {
     const e = firstValidEntry(entries, isTileEntry);
     if (!e) return null;
     const [rows, cols] = e.grid;
-    const overlap = e.overlap_px !== undefined ? `, overlap ${e.overlap_px} px` : "";
+    const overlap = e.overlap_px ? `, overlap ${e.overlap_px} px` : "";
     return {
         lines: [
             `Tiles ${rows}×${cols} = ${rows * cols}${moreSuffix(entries)}`,

@@ -61,6 +61,8 @@ test("tile section uses the image aspect for the grid drawing", () => {
     const [section] = panelFromOutput({ vqcore_tiles: [tiles] });
     assert.deepEqual(section.lines, ["Tiles 2×3 = 6", "512 px tiles, overlap 64 px · 41 ms/tile"]);
     assert.deepEqual(section.tiles, { rows: 2, cols: 3, aspect: 1.5 });
+    const [seamless] = panelFromOutput({ vqcore_tiles: [{ ...tiles, overlap_px: 0 }] });
+    assert.equal(seamless.lines[1], "512 px tiles · 41 ms/tile");
 });
 
 test("sampler section", () => {
