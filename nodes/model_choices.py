@@ -50,7 +50,7 @@ def resolve(choice: str, own_folder: str, input_name: str) -> str:
     """The file or folder path a combo entry stands for; a clear error naming the input when it is gone."""
     if not isinstance(choice, str) or not choice:
         raise VQCoreError(f"{input_name}: no model selected (got {choice!r})")
-    folder, name = choice.split(":", 1) if ":" in choice and not Path(choice).drive else (own_folder, choice)
+    folder, name = choice.split(":", 1) if ":" in choice else (own_folder, choice)
     if folder == "diffusers":
         return diffusers_path(name, input_name)
     return host.model_file_path(folder, name, input_name)

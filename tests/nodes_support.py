@@ -40,7 +40,12 @@ def plain_host(pack, models_dir):
         yield bound
 
 
+_written = {}
+
+
 @pytest.fixture(scope="session")
 def demo_models(tmp_path_factory):
-    """The demo-model command's output, written once per test session."""
-    return write_demo_models(tmp_path_factory.mktemp("comfy") / "models")
+    """The demo-model command's output, written once per test session (the test modules share it)."""
+    if "models" not in _written:
+        _written["models"] = write_demo_models(tmp_path_factory.mktemp("comfy") / "models")
+    return _written["models"]
