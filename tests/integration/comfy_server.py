@@ -21,6 +21,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PACK_FOLDER = "vqcore-nodes"
 HOST = "127.0.0.1"
 REQUEST_TIMEOUT = 30
+# Loopback only: never route the test's requests through a proxy from the environment.
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 STARTUP_TIMEOUT = 180
 
 # Beside a CPU-only torch, PyPI's torchvision cannot load its C++ ops and then fails at import on its op
@@ -89,11 +91,10 @@ class ComfyServer:
         (custom_nodes / PACK_FOLDER).symlink_to(REPO_ROOT, target_is_directory=True)
         models = self.base_dir / "models"
         models.mkdir(exist_ok=True)
-        if (REPO_ROOT / "vqcore" / "__main__.py").is_file():
-            done = subprocess.run([sys.executable, "-m", "vqcore", "demo-models", str(models)], cwd=REPO_ROOT,
-                                  check=False, timeout=600, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"python -m vqcore demo-models failed:\n{done.stderr[-4000:]}")
+        done = subprocess.run([sys.executable, "-m", "vqcore", "demo-models", str(models)], cwd=REPO_ROOT,
+                              check=False, timeout=600, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"python -m vqcore demo-models failed:\n{done.stderr[-4000:]}")
         hook_dir = self.base_dir / "python_hooks"
         hook_dir.mkdir(exist_ok=True)
         (hook_dir / "sitecustomize.py").write_text(TORCHVISION_HOOK)
@@ -140,7 +141,7 @@ class ComfyServer:
         req = urllib.request.Request(self.url + path, data=data, method=method,
                                      headers={"Content-Type": "application/json"} if data else {})
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as response:
+            with OPENER.open(req, timeout=timeout) as response:
                 body = response.read()
                 status = response.status
         except urllib.error.HTTPError as error:

@@ -5,10 +5,9 @@ import io
 import re
 import time
 import urllib.parse
-import urllib.request
 
 import pytest
-from comfy_server import PACK_FOLDER, RequestError
+from comfy_server import OPENER, PACK_FOLDER, RequestError
 from PIL import Image
 from workflows import (
     api_workflows,
@@ -40,7 +39,7 @@ def our_node_ids(prompt):
 
 def view_image(comfy, image_ref) -> Image.Image:
     query = urllib.parse.urlencode({k: image_ref[k] for k in ("filename", "subfolder", "type")})
-    with urllib.request.urlopen(f"{comfy.url}/view?{query}", timeout=30) as response:
+    with OPENER.open(f"{comfy.url}/view?{query}", timeout=30) as response:
         return Image.open(io.BytesIO(response.read()))
 
 
@@ -75,7 +74,7 @@ def test_front_end_files_and_node_docs_are_served(comfy, pack):
     assert f"/extensions/{PACK_FOLDER}/vqcore_panels.js" in extensions
     for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
         # the path ComfyUI's front end asks for a custom node's help page
-        with urllib.request.urlopen(f"{comfy.url}/extensions/{PACK_FOLDER}/docs/{node_id}.md", timeout=30) as r:
+        with OPENER.open(f"{comfy.url}/extensions/{PACK_FOLDER}/docs/{node_id}.md", timeout=30) as r:
             doc = r.read().decode()
         declared = cls.INPUT_TYPES()
         names = [*declared["required"], *declared.get("optional", {}), *getattr(cls, "RETURN_NAMES", ())]
