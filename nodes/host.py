@@ -33,11 +33,11 @@ def import_comfy() -> dict:
     except ImportError:
         return {}
     try:
-        import comfy.sd as sd
+        from comfy import sd
     except ImportError:  # comfy.sd pulls in torchvision; without it core VAE nodes are missing anyway
         sd = None
-    return dict(model_management=comfy.model_management, model_patcher=comfy.model_patcher, utils=comfy.utils,
-                folder_paths=folder_paths, sd=sd)
+    return {"model_management": comfy.model_management, "model_patcher": comfy.model_patcher, "utils": comfy.utils,
+            "folder_paths": folder_paths, "sd": sd}
 
 
 def bind(model_management=None, model_patcher=None, utils=None, folder_paths=None, sd=None):
@@ -185,7 +185,7 @@ class PlainFolders:
         self.folder_names_and_paths = {}
 
     def add_model_folder_path(self, name, path, is_default=False):
-        dirs, exts = self.folder_names_and_paths.setdefault(name, ([], set()))
+        dirs = self.folder_names_and_paths.setdefault(name, ([], set()))[0]
         if path not in dirs:
             dirs.insert(0, path) if is_default else dirs.append(path)
 

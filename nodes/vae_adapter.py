@@ -50,7 +50,7 @@ class VAEAdapter:
     def get_sd(self):
         return self.first_stage_model.state_dict()
 
-    def decode(self, samples, vae_options={}):
+    def decode(self, samples, vae_options=None):
         self.check_latents(samples)
         return compute.decode(self.vqcore_handle, latents=samples)
 

@@ -23,12 +23,14 @@ class FakeHost:
         self.utils = types.SimpleNamespace(ProgressBar=self._progress_class())
 
     def modules(self):
-        return dict(model_management=self.mm, model_patcher=self.model_patcher, utils=self.utils,
-                    folder_paths=self.folders)
+        return {"model_management": self.mm, "model_patcher": self.model_patcher, "utils": self.utils,
+                "folder_paths": self.folders}
 
     def _model_management(self):
         host = self
-        cpu = lambda: torch.device("cpu")  # noqa: E731
+
+        def cpu():
+            return torch.device("cpu")
 
         def load_models_gpu(models, memory_required=0, force_full_load=False, **kwargs):
             host.events.append(("load", list(models), memory_required, force_full_load))

@@ -4,7 +4,6 @@ import shutil
 
 import pytest
 import torch
-
 from nodes_support import demo_models, plain_host  # noqa: F401  (demo_models is a fixture)
 
 

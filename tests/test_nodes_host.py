@@ -6,7 +6,6 @@ import logging
 
 import pytest
 import torch
-
 from nodes_fakes import FakeHost, InterruptProcessingException
 from nodes_support import bound_host, demo_models, host_module  # noqa: F401  (demo_models is a fixture)
 

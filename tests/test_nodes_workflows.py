@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from nodes_support import demo_models, plain_host  # noqa: F401  (demo_models is a fixture)
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "example_workflows"
