@@ -4,6 +4,7 @@ Module and parameter names equal diffusers' (encoder.down_blocks.0.resnets.0.nor
 ...spatial_norm.conv_y.weight), so a diffusers state dict loads with strict=True. The order of floating-point operations
 and the memory layout of intermediate tensors also follow diffusers: on CPU a convolution gives slightly different
 results for a channels-last input than for a contiguous one, and the attention output is channels-last-strided.
+Where it changes neither values nor layouts, work is done in place (activations, SpatialNorm's scale and shift).
 """
 
 import inspect
@@ -74,7 +75,7 @@ class ResnetBlock(nn.Module):
         h = self.conv1(self.act(self.norm1(x, zq)))
         h = self.conv2(self.act(self.norm2(h, zq)))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return shortcut + h
+        return shortcut + h  # not h.add_(...): the sum must take the shortcut's memory layout, as in diffusers
 
 
 class Attention(nn.Module):
