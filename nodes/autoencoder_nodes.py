@@ -116,8 +116,7 @@ class VQCoreEncode:
         if handle.codebook_id is None:
             raise VQCoreError("vq_vae: expected a VQ autoencoder; this one has no codebook")
         x = compute.images_to_model(image, handle.model.downscale_factor, "image")
-        per_item = compute.encode_bytes(handle.model, x.shape[2], x.shape[3], handle.dtype)
-        latents = compute.run_sliced(handle, encode_latents, x, per_item, unique_id)
+        latents = compute.encode(handle, x, unique_id)
         with torch.inference_mode():
             host.load_models([handle.patcher])
             z = latents.to(handle.patcher.load_device, handle.dtype)
@@ -125,10 +124,6 @@ class VQCoreEncode:
         tokens = compute.make_tokens(indices, handle)
         return {"ui": {"vqcore_tokens": ui_payloads.token_usage(indices, handle.model.num_embeddings)},
                 "result": ({"samples": latents}, tokens)}
-
-
-def encode_latents(model, x):
-    return model.encode(x)
 
 
 class VQCoreDecode:
@@ -238,7 +233,7 @@ class VQCoreTiledVAEEncode:
         start = time.perf_counter()
         with compute.input_errors("tile_size"):
             out = compute.tiled_encode(handle, x, tile_size, unique_id)
-        latents = (out.mode() if hasattr(out, "mode") else out).float().to(host.intermediate_device())
+        latents = compute.latents_of(out).to(host.intermediate_device())
         ui = ui_payloads.tiles(x.shape[2:], tile_size, time.perf_counter() - start)
         return {"ui": {"vqcore_tiles": ui}, "result": ({"samples": latents},)}
 

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import torch
 
 from ..vqcore import tiling
+from ..vqcore.autoencoder_kl import DiagonalGaussian
 from ..vqcore.errors import VQCoreError
 from . import host
 
@@ -169,6 +170,26 @@ def decode(handle, latents=None, indices=None, node_id=None):
     if indices is not None:
         latents = token_embeddings(handle, indices)
     return tiled_decode(handle, latents, DEFAULT_FALLBACK_TILE, node_id, quantized=indices is not None)
+
+
+def encode(handle, images, node_id=None):
+    """Full encode of model images (NCHW, -1..1): VQ → continuous latents, KL → posterior mode (raw latents, what
+    ComfyUI's VAE Encode returns). Out of device memory → the seamless tiled encode."""
+    per_item = encode_bytes(handle.model, images.shape[2], images.shape[3], handle.dtype)
+    try:
+        return run_sliced(handle, encode_latents, images, per_item, node_id)
+    except host.oom_exception():
+        log.warning("vqcore: out of memory in a full encode of %s; retrying with tiled encode", tuple(images.shape))
+    return latents_of(tiled_encode(handle, images, DEFAULT_FALLBACK_TILE, node_id)).to(host.intermediate_device())
+
+
+def encode_latents(model, x):
+    return latents_of(model.encode(x))
+
+
+def latents_of(encoded):
+    """A KL posterior's mode (what ComfyUI's VAE Encode returns, no sampling, no scaling), or VQ latents as they are."""
+    return (encoded.mode() if isinstance(encoded, DiagonalGaussian) else encoded).float()
 
 
 def token_embeddings(handle, indices):

@@ -252,11 +252,11 @@ class VQCoreVQDiffusionSampler:
             raise VQCoreError(f"steps: at most {total_steps} (the schedule's length) for this model; got {steps}")
 
         host.load_models([model.patcher, vq.patcher], sampler_bytes(transformer, batch))
-        pbar = host.progress_bar(total_steps, unique_id)
+        pbar = host.progress_bar(total_steps if sampling_mode == "standard" else steps, unique_id)
         preview = Previewer(vq)
-        every = max(1, total_steps // PREVIEWS_PER_RUN)
 
         def callback(step, total, current, x0_estimate):
+            every = max(1, total // PREVIEWS_PER_RUN)
             shown = preview(x0_estimate) if (step + 1) % every == 0 or step + 1 == total else None
             pbar.update_absolute(step + 1, total, shown)
 

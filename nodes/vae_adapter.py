@@ -61,9 +61,7 @@ class VAEAdapter:
         return compute.tiled_decode(self.vqcore_handle, samples, tile)
 
     def encode(self, pixel_samples):
-        x = compute.images_to_model(pixel_samples, self.downscale_ratio, "pixels")
-        per_item = compute.encode_bytes(self.first_stage_model, x.shape[2], x.shape[3], self.vae_dtype)
-        return compute.run_sliced(self.vqcore_handle, encode_mode, x, per_item)
+        return compute.encode(self.vqcore_handle, compute.images_to_model(pixel_samples, self.downscale_ratio, "pixels"))
 
     def encode_tiled(self, pixel_samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
         x = compute.images_to_model(pixel_samples, self.downscale_ratio, "pixels")
@@ -73,11 +71,6 @@ class VAEAdapter:
         if samples.ndim != 4 or samples.shape[1] != self.latent_channels:
             raise compute.VQCoreError(f"samples: this VAE takes latents with {self.latent_channels} channels "
                                       f"[batch, {self.latent_channels}, h, w]; got {tuple(samples.shape)}")
-
-
-def encode_mode(model, x):
-    """ComfyUI's VAE Encode returns the posterior mode (no sampling, no scaling)."""
-    return model.encode(x).mode()
 
 
 def comfy_config(config: dict):

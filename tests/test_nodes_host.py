@@ -92,6 +92,25 @@ def test_out_of_memory_in_full_decode_falls_back_to_tiled_decode(pack, fake, cap
     assert (image - reference).abs().max() <= 2e-3, "the tiled fallback must equal the full decode"
 
 
+def test_out_of_memory_in_full_encode_falls_back_to_tiled_encode(pack, fake, caplog):
+    (vae,) = node(pack, "VQCoreLoadAutoencoderKL").load("demo-sd-vae.safetensors")
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(2))
+    reference = vae.encode(image)
+    model = vae.first_stage_model
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    model.encode = out_of_memory
+    try:
+        with caplog.at_level(logging.WARNING, logger="vqcore"):
+            latents = vae.encode(image)
+    finally:
+        del model.encode
+    assert "tiled encode" in caplog.text
+    assert latents.shape == reference.shape and (latents - reference).abs().max() <= 1e-3
+
+
 def test_half_precision_overflow_is_recomputed_in_fp32(pack, fake, caplog):
     (vq_vae,) = node(pack, "VQCoreLoadVQModel").load(VQ_FILE, dtype="fp16")
     assert vq_vae.dtype == torch.float16
