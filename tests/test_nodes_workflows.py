@@ -131,8 +131,10 @@ def test_every_workflow_has_both_formats():
 def test_example_workflow_runs_and_is_deterministic(pack, demo_models, api_file):  # noqa: F811
     prompt = json.loads(api_file.read_text())
     with plain_host(pack, demo_models):
-        first = saved_images(prompt, run_workflow(pack, prompt))
+        results = run_workflow(pack, prompt)
+        first = saved_images(prompt, results)
         second = saved_images(prompt, run_workflow(pack, prompt))
+    check_inpainting_keeps_unmasked_tokens(prompt, results)
     assert first, "the workflow saves no image"
     size = expected_size(prompt)
     for node_id, image in first.items():
@@ -141,6 +143,21 @@ def test_example_workflow_runs_and_is_deterministic(pack, demo_models, api_file)
             assert tuple(image.shape[1:3]) == size, (node_id, image.shape, size)
         assert 0 <= image.min() and image.max() <= 1 and torch.isfinite(image).all()
         assert torch.equal(image, second[node_id]), f"node {node_id}: a second run gave a different image"
+
+
+def check_inpainting_keeps_unmasked_tokens(prompt, results):
+    """A sampler given tokens and a mask changes tokens only where the mask (scaled to the token grid) is set."""
+    for node_id, node in prompt.items():
+        inputs = node["inputs"]
+        if node["class_type"] != "VQCoreVQDiffusionSampler" or "mask" not in inputs:
+            continue
+        given = results[inputs["tokens"][0]][0][inputs["tokens"][1]]["indices"]
+        mask = results[inputs["mask"][0]][0][inputs["mask"][1]]
+        out = results[node_id][0][0]["indices"]
+        factor = mask.shape[-1] // out.shape[-1]
+        masked = torch.nn.functional.max_pool2d(mask[:, None], factor)[:, 0] > 0.5
+        assert masked.any() and not masked.all(), "the example should mask part of the image"
+        assert torch.equal(out[~masked.expand_as(out)], given.expand_as(out)[~masked.expand_as(out)])
 
 
 def ui_graph(ui):
