@@ -109,8 +109,9 @@ def ldm_state_dict(model: AutoencoderKL) -> dict:
 
 def vae_for_host(model: AutoencoderKL, name: str):
     """comfy.sd.VAE inside ComfyUI (built from the LDM-layout weights, so every core node treats it as its own),
-    else the stand-in. The vqcore config rides along for the seamless tiled nodes."""
-    config = comfy_config(model.config)
+    else the stand-in. fp16 always gets the stand-in: comfy.sd.VAE has no fallback for the fp16 overflow of SD-family
+    decoders (black images); ours recomputes in fp32. The vqcore config rides along for the seamless tiled nodes."""
+    config = comfy_config(model.config) if model.dtype != torch.float16 else None
     vae = None
     if config is not None:
         vae = host.comfy_vae(ldm_state_dict(model), config, model.dtype, model.downscale_factor, model.latent_channels)
