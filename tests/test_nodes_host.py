@@ -185,3 +185,41 @@ def test_interrupt_stops_the_sampler_within_one_step_and_leaves_inputs_untouched
     assert sum(e[0] == "compute" for e in fake.events) == 3, "steps ran after the interrupt"
     assert torch.equal(tokens["indices"], before), "the input tokens were modified"
     assert model.truncation_rate == 1.0
+
+
+class RecordingComfyVAE:
+    """Stands in for comfy.sd.VAE: records what our loader builds it from."""
+
+    def __init__(self, sd=None, device=None, config=None, dtype=None, metadata=None):
+        self.sd, self.config, self.vae_dtype = sd, config, dtype
+
+    def get_sd(self):
+        return self.sd
+
+
+def test_autoencoder_kl_becomes_a_comfy_vae_built_from_ldm_weights(pack, demo_models):  # noqa: F811
+    import types
+
+    fake = FakeHost(demo_models, host_module(pack).PlainFolders)
+    with bound_host(pack, **fake.modules(), sd=types.SimpleNamespace(VAE=RecordingComfyVAE)):
+        loader = node(pack, "VQCoreLoadAutoencoderKL")
+        (sd_vae,) = loader.load("demo-sd-vae.safetensors", dtype="fp32")
+        (flux,) = loader.load("demo-flux-ae.safetensors", dtype="fp32")
+        (half,) = loader.load("demo-sd-vae.safetensors", dtype="fp16")
+        assert isinstance(sd_vae, RecordingComfyVAE) and isinstance(flux, RecordingComfyVAE)
+        ddconfig = sd_vae.config["params"]["ddconfig"]
+        assert (ddconfig["ch"], ddconfig["ch_mult"], ddconfig["z_channels"]) == (32, [1, 2], 4)
+        assert "encoder.down.0.block.0.conv1.weight" in sd_vae.sd and sd_vae.sd["decoder.mid.attn_1.q.weight"].ndim == 4
+        assert (sd_vae.downscale_ratio, sd_vae.latent_channels, sd_vae.vqcore_config["scaling_factor"]) == (2, 4, 0.18215)
+        # Flux has no quant convs; ComfyUI's LDM AutoencoderKL always does: identity convs keep the maths unchanged.
+        assert torch.equal(flux.sd["quant_conv.weight"][:, :, 0, 0], torch.eye(32))
+        assert torch.equal(flux.sd["post_quant_conv.weight"][:, :, 0, 0], torch.eye(16))
+        assert type(half).__name__ == "VAEAdapter", "fp16 needs our overflow fallback"
+        # The seamless tiled node rebuilds the vqcore model from the comfy VAE's weights.
+        latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+        out = node(pack, "VQCoreTiledVAEDecode").decode(flux, 32, samples={"samples": latents})
+        assert out["result"][0].shape == (1, 16, 16, 3) and out["ui"]["vqcore_tiles"][0]["grid"] == [1, 1]
+        reference = pack.vqcore.loading.load_autoencoder_kl(demo_models / "vae" / "demo-flux-ae.safetensors", "cpu")
+        with torch.no_grad():
+            expected = ((reference.decode(latents) + 1) / 2).clamp(0, 1).movedim(1, -1)
+        assert (out["result"][0] - expected).abs().max() <= 2e-3
