@@ -210,7 +210,8 @@ def decode_indices(model, indices):
 def tiled_decode(handle, latents, tile_size, node_id=None, quantized=False):
     """Seamless tiled decode (equal to the full decode); progress and interrupt per tile. quantized: the latents are
     codebook vectors already (decoded tokens), not latents to quantise."""
-    host.load_models([handle.patcher], decode_bytes(handle.model, 1, 1, handle.dtype))
+    cells = tile_size // handle.model.downscale_factor  # the device holds about one tile
+    host.load_models([handle.patcher], decode_bytes(handle.model, cells, cells, handle.dtype))
     pbar = host.progress_bar(1, node_id)
     with torch.inference_mode():
         out = tiling.tiled_decode(handle.model, latents.to(handle.dtype), tile_size=tile_size,
@@ -222,7 +223,7 @@ def tiled_decode(handle, latents, tile_size, node_id=None, quantized=False):
 
 def tiled_encode(handle, images, tile_size, node_id=None):
     """Seamless tiled encode: KL → DiagonalGaussian, VQ → continuous latents."""
-    host.load_models([handle.patcher], 0)
+    host.load_models([handle.patcher], encode_bytes(handle.model, tile_size, tile_size, handle.dtype))
     pbar = host.progress_bar(1, node_id)
     with torch.inference_mode():
         return tiling.tiled_encode(handle.model, images.to(handle.dtype), tile_size=tile_size,

@@ -48,10 +48,6 @@ def bind(model_management=None, model_patcher=None, utils=None, folder_paths=Non
     register_model_folders()
 
 
-def in_comfy() -> bool:
-    return mm is not None
-
-
 # ---- devices and memory ---------------------------------------------------------------------------------------------
 
 def compute_device(role: str) -> torch.device:
@@ -107,9 +103,6 @@ class PlainPatcher:
 
     def __init__(self, model, load_device, offload_device):
         self.model, self.load_device, self.offload_device = model, load_device, offload_device
-
-    def model_size(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
 
 
 def wrap_model(model: torch.nn.Module, role: str):

@@ -72,6 +72,21 @@ def test_interrupt_stops_a_decode_without_output(pack, fake):
     assert sum(e[0] == "compute" for e in fake.events) == 1, "decoding went on after the interrupt"
 
 
+def test_tiled_decode_reports_progress_per_tile_and_stops_on_interrupt(pack, fake):
+    (vq_vae,) = node(pack, "VQCoreLoadVQModel").load(VQ_FILE)
+    tokens = encode_tokens(pack, vq_vae, size=64)
+    tiled = node(pack, "VQCoreTiledVAEDecode")
+    out = tiled.decode(vq_vae, 32, tokens=tokens, unique_id="5")
+    bar = fake.progress_bars[-1]
+    assert bar.node_id == "5" and bar.current == bar.total > 1
+    assert out["ui"]["vqcore_tiles"][0]["grid"] == [2, 2]
+    fake.interrupt_checks, fake.interrupt_after_checks = 0, 3
+    fake.events.clear()
+    with pytest.raises(InterruptProcessingException):
+        tiled.decode(vq_vae, 32, tokens=tokens)
+    assert [e[0] for e in fake.events].count("progress") == 2, "tiles ran after the interrupt"
+
+
 def test_out_of_memory_in_full_decode_falls_back_to_tiled_decode(pack, fake, caplog):
     (vq_vae,) = node(pack, "VQCoreLoadVQModel").load(VQ_FILE)
     tokens = encode_tokens(pack, vq_vae, size=64)
