@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from vqcore.errors import CheckpointError, VQCoreError
-from vqcore.vq_diffusion import demo_vocabulary, load_vq_diffusion, write_demo_vq_diffusion
+from vqcore.demo import demo_vocabulary, write_demo_vq_diffusion
+from vqcore.vq_diffusion import load_vq_diffusion
 
 
 @pytest.fixture(scope="module")

@@ -20,3 +20,36 @@ from .truncation import truncate
 from .vae_layouts import FAMILY_NAMES, KL_FAMILIES, infer_config, to_diffusers_names, to_ldm_names
 from .vq_diffusion import VQDiffusionModel, load_vq_diffusion
 from .vq_model import VectorQuantizer, VQModel
+
+__all__ = [
+    "AutoencoderKL",
+    "DiagonalGaussian",
+    "read_state_dict",
+    "default_device",
+    "resolve_dtype",
+    "CheckpointError",
+    "VQCoreError",
+    "load_autoencoder",
+    "load_autoencoder_kl",
+    "load_vqmodel",
+    "MODES",
+    "PRIOR_RULES",
+    "SamplingCancelled",
+    "sample",
+    "VQDiffusionScheduler",
+    "VQTextEncoder",
+    "TilingCancelled",
+    "tiled_decode",
+    "tiled_encode",
+    "VQDiffusionTransformer",
+    "truncate",
+    "FAMILY_NAMES",
+    "KL_FAMILIES",
+    "infer_config",
+    "to_diffusers_names",
+    "to_ldm_names",
+    "VQDiffusionModel",
+    "load_vq_diffusion",
+    "VectorQuantizer",
+    "VQModel",
+]

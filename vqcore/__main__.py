@@ -9,6 +9,8 @@ Each command is an `add_<name>_command(subparsers)` function that registers its 
 
 import argparse
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,9 @@ import torch
 from PIL import Image
 
 from .errors import VQCoreError
+from .sampler import MODES
+
+DEMO_FOLDER = Path(tempfile.gettempdir()) / "vqcore-vq-diffusion-demo"
 
 
 def add_demo_models_command(subparsers):
@@ -106,9 +111,48 @@ def crop_to_multiple(image, factor) -> np.ndarray:
 
 
 def add_generate_command(subparsers):
-    from .vq_diffusion import add_generate_command as add
+    parser = subparsers.add_parser("generate", help="text-to-image with a VQ-Diffusion checkpoint folder (default: the demo model)")
+    parser.add_argument("prompt")
+    parser.add_argument("output", type=Path, help="PNG to write (several images are tiled side by side)")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help=f"VQ-Diffusion folder in the diffusers layout (default: the tiny demo model, written to {DEMO_FOLDER})")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None, help="default: every timestep of the schedule")
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--truncation", type=float, default=0.86)
+    parser.add_argument("--mode", default="standard", choices=MODES)
+    parser.add_argument("--images", type=int, default=1, help="images for the prompt")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--variant", default=None, help="weight variant, e.g. fp16")
+    parser.set_defaults(run=run_generate)
 
-    add(subparsers)
+
+def run_generate(args):
+    from .demo import write_demo_vq_diffusion
+    from .vq_diffusion import load_vq_diffusion
+
+    folder = args.checkpoint
+    if folder is None:
+        folder = DEMO_FOLDER
+        if not (folder / "model_index.json").is_file():
+            print(f"writing the demo VQ-Diffusion model to {folder}")
+            write_demo_vq_diffusion(folder)
+    model = load_vq_diffusion(folder, device=args.device, dtype=args.dtype, variant=args.variant)
+    started = time.perf_counter()
+
+    def progress(step, total, tokens, x0_estimate):
+        masked = (tokens == model.transformer.num_vector_embeds - 1).float().mean().item()
+        print(f"step {step + 1}/{total}  masked {masked:6.1%}  {time.perf_counter() - started:6.1f} s", flush=True)
+
+    tokens = model.generate([args.prompt], num_images_per_prompt=args.images, steps=args.steps, guidance_scale=args.guidance,
+                            truncation_rate=args.truncation, mode=args.mode, seed=args.seed, callback=progress)
+    images = model.decode(tokens)
+    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    pixels = torch.cat(list(pixels), dim=1).numpy()
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(args.output, format="PNG")
+    print(f"{folder}: {tuple(tokens.shape)} tokens -> {args.output}")
 
 
 COMMANDS = [add_demo_models_command, add_roundtrip_command, add_generate_command]

@@ -6,16 +6,19 @@ vq_embed_dim != latent_channels (VQ-Diffusion), training-only keys beside the we
 key names. They exist so that the loaders, nodes and CLI can be exercised on a fresh machine without downloads.
 """
 
-import importlib.util
 import json
 import re
+import string
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from .autoencoder_kl import AutoencoderKL
+from .text_encoder import MAX_LENGTH, PAD_TOKEN
+from .transformer import VQDiffusionTransformer
 from .vae_layouts import KL_FAMILIES, to_ldm_names
+from .vq_diffusion import NULL_EMBEDDINGS
 from .vq_model import VQModel
 
 DOWN, ATTN_DOWN, UP, ATTN_UP = "DownEncoderBlock2D", "AttnDownEncoderBlock2D", "UpDecoderBlock2D", "AttnUpDecoderBlock2D"
@@ -80,13 +83,7 @@ def write_demo_models(root, seed=0) -> list:
             *_diffusers_folder(root / "diffusers/demo-sd-vae", models["sd"], fp16_variant=True),
             *_diffusers_folder(root / "diffusers/demo-ithq-vqvae", models["ithq"], fp16_variant=True, old_attention_names=True),
         ]
-    # The VQ-Diffusion demo pipeline (transformer, text encoder, tokenizer, VQ-VAE) is written by its own module.
-    if importlib.util.find_spec(f"{__package__}.vq_diffusion") is not None:
-        from .vq_diffusion import write_demo_vq_diffusion
-
-        folder = root / "diffusers/vq-diffusion-demo"
-        write_demo_vq_diffusion(folder, seed)
-        written.append(folder)
+    written.append(write_demo_vq_diffusion(root / "diffusers/vq-diffusion-demo", seed))
     return written
 
 
@@ -154,3 +151,74 @@ def _torch(path, obj):
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(obj, path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny seeded demo checkpoint (no downloads): random weights, so it produces noise-like images, but every component,
+# file and config field is in the ithq layout.
+
+DEMO_CHARACTERS = string.ascii_lowercase + string.digits + ".,'-"
+DEMO_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32,
+                 max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu")
+DEMO_TRANSFORMER = dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, cross_attention_dim=32, attention_bias=True,
+                        sample_size=16, num_vector_embeds=65, activation_fn="geglu-approximate", num_embeds_ada_norm=100,
+                        dropout=0.0, in_channels=None, norm_num_groups=32)
+DEMO_VQVAE = dict(block_out_channels=[32, 32, 32, 32], layers_per_block=1, latent_channels=16, vq_embed_dim=8,
+                  num_vq_embeddings=64, norm_num_groups=32, sample_size=128,
+                  down_block_types=["DownEncoderBlock2D"] * 3 + ["AttnDownEncoderBlock2D"],
+                  up_block_types=["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 3)
+
+
+def demo_vocabulary():
+    """A character-level CLIP vocabulary: specials, the pad token, and each character alone and word-final."""
+    tokens = ["<|startoftext|>", "<|endoftext|>", PAD_TOKEN]
+    tokens += [c for c in DEMO_CHARACTERS] + [c + "</w>" for c in DEMO_CHARACTERS]
+    return {token: index for index, token in enumerate(tokens)}
+
+
+def write_demo_vq_diffusion(folder, seed=0) -> Path:
+    from transformers import CLIPTextConfig, CLIPTextModel  # imported here: slow, and only this writer needs it
+
+    folder = Path(folder)
+    vocab = demo_vocabulary()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_config = dict(DEMO_TEXT, vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"],
+                           eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab[PAD_TOKEN])
+        text_model = CLIPTextModel(CLIPTextConfig(**text_config))
+        transformer = VQDiffusionTransformer.from_config(DEMO_TRANSFORMER)
+        for parameter in transformer.parameters():  # default init gives near-uniform predictions; make them peaked
+            torch.nn.init.normal_(parameter, std=0.2)
+        vqvae = VQModel(**DEMO_VQVAE)
+        null = torch.randn(MAX_LENGTH, DEMO_TEXT["hidden_size"]) * 0.2
+
+    def write_json(path, data):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2) + "\n")
+
+    def weights(path, state):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path))
+
+    write_json(folder / "model_index.json", {
+        "_class_name": "VQDiffusionPipeline", "_diffusers_version": "0.8.0.dev0",
+        NULL_EMBEDDINGS: ["vq_diffusion", "LearnedClassifierFreeSamplingEmbeddings"],
+        "scheduler": ["diffusers", "VQDiffusionScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "transformer": ["diffusers", "Transformer2DModel"],
+        "vqvae": ["diffusers", "VQModel"]})
+    write_json(folder / "tokenizer" / "vocab.json", vocab)
+    (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+    write_json(folder / "tokenizer" / "tokenizer_config.json", {"model_max_length": MAX_LENGTH, "pad_token": PAD_TOKEN})
+    write_json(folder / "text_encoder" / "config.json", dict(text_config, architectures=["CLIPTextModel"], model_type="clip_text_model"))
+    weights(folder / "text_encoder" / "model.safetensors", text_model.state_dict())
+    write_json(folder / "transformer" / "config.json", dict(DEMO_TRANSFORMER, _class_name="Transformer2DModel"))
+    weights(folder / "transformer" / "diffusion_pytorch_model.safetensors", transformer.state_dict())
+    write_json(folder / "vqvae" / "config.json", dict(DEMO_VQVAE, _class_name="VQModel"))
+    weights(folder / "vqvae" / "diffusion_pytorch_model.safetensors", vqvae.state_dict())
+    write_json(folder / "scheduler" / "scheduler_config.json",
+               {"_class_name": "VQDiffusionScheduler", "num_vec_classes": DEMO_TRANSFORMER["num_vector_embeds"], "num_train_timesteps": 100})
+    write_json(folder / NULL_EMBEDDINGS / "config.json",
+               {"_class_name": "LearnedClassifierFreeSamplingEmbeddings", "learnable": True,
+                "hidden_size": DEMO_TEXT["hidden_size"], "length": MAX_LENGTH})
+    weights(folder / NULL_EMBEDDINGS / "diffusion_pytorch_model.safetensors", {"embeddings": null})
+    return folder

@@ -126,14 +126,13 @@ class Pointwise:
 
 
 class AddResidual(Pointwise):
-    """x + shortcut(residual map), the residual read at the same pixels (through a 1x1 conv when channels change)."""
+    """x + the residual map, read at the same pixels."""
 
-    def __init__(self, source, shortcut=None):
-        self.source, self.shortcut = source, shortcut
+    def __init__(self, source):
+        self.source = source
 
     def run(self, x, have, want, size, ctx):
-        residual = ctx.read(self.source, have)
-        return x.add_(residual if self.shortcut is None else self.shortcut(residual))
+        return x.add_(ctx.read(self.source, have))
 
 
 def group_norm_of(norm):
@@ -242,11 +241,12 @@ def tile_grid(size, tile):
 
 
 class Stage:
-    """A chain of local operations from map `source` to map `output`, run tile by tile."""
+    """A chain of local operations from map `source` to map `output`, run tile by tile. Side outputs are maps made
+    by a per-pixel function of the source at the tile core (a resnet's 1x1 shortcut)."""
 
-    def __init__(self, source, ops, sizes, output, level):
+    def __init__(self, source, ops, sizes, output, level, side_outputs):
         self.source, self.ops, self.sizes, self.output, self.level = source, ops, sizes, output, level
-        self.channels = None  # known once the first tile has run
+        self.side_outputs = side_outputs
         self.passes = 1
 
     @property
@@ -282,10 +282,9 @@ class AttentionStage:
     """Single-head self-attention with residual over the whole map (keys and values gathered first)."""
 
     def __init__(self, attn, norm, source, output, size, level):
-        if getattr(attn, "heads", 1) != 1:
-            raise VQCoreError("tiling supports the single-head VAE attention only")
         self.attn, self.norm, self.source, self.output, self.level = attn, norm, source, output, level
         self.sizes = [size, size]
+        self.side_outputs = []
         self.passes = 2
 
     @property
@@ -332,7 +331,7 @@ class Program:
     def __init__(self, source, size, level):
         self.stages, self.stats_groups = [], {}
         self.source, self.size, self.level = source, size, level
-        self.ops, self.sizes = [], [size]
+        self.ops, self.sizes, self.side_outputs = [], [size], []
         self.names = 0
 
     def new_name(self):
@@ -352,8 +351,8 @@ class Program:
         """End the open segment; its output gets statistics for a norm with `groups` groups. Returns its name."""
         if self.ops:
             output = self.new_name()
-            self.stages.append(Stage(self.source, self.ops, self.sizes, output, self.level))
-            self.source, self.ops, self.sizes = output, [], [self.size]
+            self.stages.append(Stage(self.source, self.ops, self.sizes, output, self.level, self.side_outputs))
+            self.source, self.ops, self.sizes, self.side_outputs = output, [], [self.size], []
         if groups is not None:
             if self.stats_groups.get(self.source, groups) != groups:
                 raise VQCoreError("tiling: one feature map normalised with two different group counts")
@@ -366,13 +365,18 @@ class Program:
         return source
 
     def resnet(self, block, zq):
-        source = self.normalise(block.norm1, zq)
+        residual = self.normalise(block.norm1, zq)
+        if block.conv_shortcut is not None:
+            # The shortcut, narrower than the block's input, is made in the first segment, so the input can be freed
+            # as that segment's tiles pass instead of being held to the end of the block.
+            self.side_outputs.append((self.new_name(), block.conv_shortcut))
+            residual = self.side_outputs[-1][0]
         self.add(Pointwise(block.act))
         self.add(Conv3x3(block.conv1))
         self.normalise(block.norm2, zq)
         self.add(Pointwise(block.act))
         self.add(Conv3x3(block.conv2))
-        self.add(AddResidual(source, block.conv_shortcut))
+        self.add(AddResidual(residual))
 
     def attention(self, attn, zq):
         norm = attn.spatial_norm if hasattr(attn, "spatial_norm") else attn.group_norm
@@ -504,7 +508,7 @@ class Runner:
             stage.gather_keys_values(self, grid)
         groups = self.program.stats_groups.get(stage.output)
         stats = GroupStats(groups) if groups else None
-        output = None
+        band_rows = [(row[0][0], row[0][1]) for row in grid]
         for row in grid:
             # Rows above what this tile row reads are not read by any later tile (regions only move down).
             for name, first_row in stage.first_rows(row[0]).items():
@@ -512,15 +516,17 @@ class Runner:
                     self.maps[name].free_above(first_row)
             for core in row:
                 self.tick()
-                tile = stage.compute(self, core)
-                if output is None:
-                    band_rows = [(r[0][0], r[0][1]) for r in grid]
-                    output = StageMap.empty(tile.shape[1], size, band_rows, self.offload_device, self.dtype)
-                    self.maps[stage.output] = output
-                output.write(core, tile)
+                tiles = {stage.output: stage.compute(self, core)}
+                for name, fn in stage.side_outputs:
+                    tiles[name] = fn(self.read(stage.source, core))
+                for name, tile in tiles.items():
+                    if name not in self.maps:
+                        self.maps[name] = StageMap.empty(tile.shape[1], size, band_rows, self.offload_device,
+                                                         self.dtype)
+                    self.maps[name].write(core, tile)
                 if stats is not None:
-                    stats.add(tile)
-                del tile
+                    stats.add(tiles[stage.output])
+                del tiles
                 self.done_tile()
         if isinstance(stage, AttentionStage):
             stage.release()
@@ -575,15 +581,15 @@ def tiled_decode(model, latents, tile_size=512, progress=None, should_cancel=Non
     """model.decode(latents) computed tile by tile, equal to it up to float rounding; returns the image on
     offload_device.
 
-    model: vqcore VQModel or AutoencoderKL. latents: as model.decode takes them: (B, C, h, w) latents, quantized first
-    for a VQModel unless force_not_quantize (then they are codebook vectors, or (B, h, w) indices for a
-    lookup_from_codebook model). tile_size: tile edge in output pixels. progress(done, total) is called after every
+    model: vqcore VQModel or AutoencoderKL. latents: (B, C, h, w), quantized first for a VQModel unless
+    force_not_quantize; then they are used as they are (codebook vectors), or, given as integer (B, h, w) codebook
+    indices, looked up first. tile_size: tile edge in output pixels. progress(done, total) is called after every
     tile; should_cancel() before every tile (return True to raise TilingCancelled, or raise your own exception).
     """
     check_tile_size(model, tile_size)
     is_vq = hasattr(model, "quantize")
     with torch.no_grad():
-        if is_vq and force_not_quantize and model.config.get("lookup_from_codebook"):
+        if is_vq and force_not_quantize and isinstance(latents, torch.Tensor) and not latents.is_floating_point():
             quant = model.indices_to_embeddings(latents.to(model.device)).to(offload_device)
         else:
             check_input(latents, model.latent_channels, 1, "tiled_decode latents")

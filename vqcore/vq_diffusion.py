@@ -1,5 +1,4 @@
-"""Loading a VQ-Diffusion checkpoint in the diffusers folder layout of microsoft/vq-diffusion-ithq, a tiny seeded demo
-folder in that layout, and the `generate` command.
+"""Loading a VQ-Diffusion checkpoint in the diffusers folder layout of microsoft/vq-diffusion-ithq.
 
 Layout: model_index.json, vqvae/ (VQModel), transformer/ (config without norm_type), text_encoder/ (CLIPTextModel),
 tokenizer/ (vocab.json + merges.txt, or tokenizer.json), scheduler/ (scheduler_config.json) and
@@ -9,9 +8,6 @@ with `variant="fp16"` for the fp16 files.
 """
 
 import json
-import string
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,17 +15,16 @@ import torch
 
 from .checkpoint import read_config, read_folder_state_dict
 from .devices import default_device, resolve_dtype
-from .errors import CheckpointError, VQCoreError
+from .errors import CheckpointError
 from .loading import load_vqmodel
-from .sampler import MODES, sample
+from .sampler import sample
 from .scheduler import VQDiffusionScheduler
-from .text_encoder import MAX_LENGTH, PAD_TOKEN, VQTextEncoder
+from .text_encoder import VQTextEncoder
 from .transformer import VQDiffusionTransformer
 from .vq_model import VQModel
 
 COMPONENTS = ("vqvae", "transformer", "text_encoder", "tokenizer", "scheduler")
 NULL_EMBEDDINGS = "learned_classifier_free_sampling_embeddings"
-DEMO_FOLDER = Path(tempfile.gettempdir()) / "vqcore-vq-diffusion-demo"
 
 
 @dataclass
@@ -136,122 +131,3 @@ def load_null_embeddings(folder, device, variant):
     if "embeddings" not in state or state["embeddings"].ndim != 2:
         raise CheckpointError(f"{folder}: no (length, hidden) 'embeddings' tensor; found {sorted(state)[:5]}")
     return state["embeddings"].float().to(device)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tiny seeded demo checkpoint (no downloads): random weights, so it produces noise-like images, but every component,
-# file and config field is in the ithq layout.
-
-DEMO_CHARACTERS = string.ascii_lowercase + string.digits + ".,'-"
-DEMO_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32,
-                 max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu")
-DEMO_TRANSFORMER = dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, cross_attention_dim=32, attention_bias=True,
-                        sample_size=16, num_vector_embeds=65, activation_fn="geglu-approximate", num_embeds_ada_norm=100,
-                        dropout=0.0, in_channels=None, norm_num_groups=32)
-DEMO_VQVAE = dict(block_out_channels=[32, 32, 32, 32], layers_per_block=1, latent_channels=16, vq_embed_dim=8,
-                  num_vq_embeddings=64, norm_num_groups=32, sample_size=128,
-                  down_block_types=["DownEncoderBlock2D"] * 3 + ["AttnDownEncoderBlock2D"],
-                  up_block_types=["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 3)
-
-
-def demo_vocabulary():
-    """A character-level CLIP vocabulary: specials, the pad token, and each character alone and word-final."""
-    tokens = ["<|startoftext|>", "<|endoftext|>", PAD_TOKEN]
-    tokens += [c for c in DEMO_CHARACTERS] + [c + "</w>" for c in DEMO_CHARACTERS]
-    return {token: index for index, token in enumerate(tokens)}
-
-
-def write_demo_vq_diffusion(folder, seed=0) -> Path:
-    from safetensors.torch import save_file
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    folder = Path(folder)
-    vocab = demo_vocabulary()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        text_config = dict(DEMO_TEXT, vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"],
-                           eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab[PAD_TOKEN])
-        text_model = CLIPTextModel(CLIPTextConfig(**text_config))
-        transformer = VQDiffusionTransformer.from_config(DEMO_TRANSFORMER)
-        for parameter in transformer.parameters():  # default init gives near-uniform predictions; make them peaked
-            torch.nn.init.normal_(parameter, std=0.2)
-        vqvae = VQModel(**DEMO_VQVAE)
-        null = torch.randn(MAX_LENGTH, DEMO_TEXT["hidden_size"]) * 0.2
-
-    def write_json(path, data):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=2) + "\n")
-
-    def weights(path, state):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path))
-
-    write_json(folder / "model_index.json", {
-        "_class_name": "VQDiffusionPipeline", "_diffusers_version": "0.8.0.dev0",
-        NULL_EMBEDDINGS: ["vq_diffusion", "LearnedClassifierFreeSamplingEmbeddings"],
-        "scheduler": ["diffusers", "VQDiffusionScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "transformer": ["diffusers", "Transformer2DModel"],
-        "vqvae": ["diffusers", "VQModel"]})
-    write_json(folder / "tokenizer" / "vocab.json", vocab)
-    (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
-    write_json(folder / "tokenizer" / "tokenizer_config.json", {"model_max_length": MAX_LENGTH, "pad_token": PAD_TOKEN})
-    write_json(folder / "text_encoder" / "config.json", dict(text_config, architectures=["CLIPTextModel"], model_type="clip_text_model"))
-    weights(folder / "text_encoder" / "model.safetensors", text_model.state_dict())
-    write_json(folder / "transformer" / "config.json", dict(DEMO_TRANSFORMER, _class_name="Transformer2DModel"))
-    weights(folder / "transformer" / "diffusion_pytorch_model.safetensors", transformer.state_dict())
-    write_json(folder / "vqvae" / "config.json", dict(DEMO_VQVAE, _class_name="VQModel"))
-    weights(folder / "vqvae" / "diffusion_pytorch_model.safetensors", vqvae.state_dict())
-    write_json(folder / "scheduler" / "scheduler_config.json",
-               {"_class_name": "VQDiffusionScheduler", "num_vec_classes": DEMO_TRANSFORMER["num_vector_embeds"], "num_train_timesteps": 100})
-    write_json(folder / NULL_EMBEDDINGS / "config.json",
-               {"_class_name": "LearnedClassifierFreeSamplingEmbeddings", "learnable": True,
-                "hidden_size": DEMO_TEXT["hidden_size"], "length": MAX_LENGTH})
-    weights(folder / NULL_EMBEDDINGS / "diffusion_pytorch_model.safetensors", {"embeddings": null})
-    return folder
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# `python -m vqcore generate`
-
-def add_generate_command(subparsers):
-    parser = subparsers.add_parser("generate", help="text-to-image with a VQ-Diffusion checkpoint folder (default: the demo model)")
-    parser.add_argument("prompt")
-    parser.add_argument("output", type=Path, help="PNG to write (several images are tiled side by side)")
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help=f"VQ-Diffusion folder in the diffusers layout (default: the tiny demo model, written to {DEMO_FOLDER})")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=None, help="default: every timestep of the schedule")
-    parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--truncation", type=float, default=0.86)
-    parser.add_argument("--mode", default="standard", choices=MODES)
-    parser.add_argument("--images", type=int, default=1, help="images for the prompt")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
-    parser.add_argument("--variant", default=None, help="weight variant, e.g. fp16")
-    parser.set_defaults(run=run_generate)
-
-
-def run_generate(args):
-    from PIL import Image
-
-    folder = args.checkpoint
-    if folder is None:
-        folder = DEMO_FOLDER
-        if not (folder / "model_index.json").is_file():
-            print(f"writing the demo VQ-Diffusion model to {folder}")
-            write_demo_vq_diffusion(folder)
-    model = load_vq_diffusion(folder, device=args.device, dtype=args.dtype, variant=args.variant)
-    started = time.perf_counter()
-
-    def progress(step, total, tokens, x0_estimate):
-        masked = (tokens == model.transformer.num_vector_embeds - 1).float().mean().item()
-        print(f"step {step + 1}/{total}  masked {masked:6.1%}  {time.perf_counter() - started:6.1f} s", flush=True)
-
-    tokens = model.generate([args.prompt], num_images_per_prompt=args.images, steps=args.steps, guidance_scale=args.guidance,
-                            truncation_rate=args.truncation, mode=args.mode, seed=args.seed, callback=progress)
-    images = model.decode(tokens)
-    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-    pixels = torch.cat(list(pixels), dim=1).numpy()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(args.output, format="PNG")
-    print(f"{folder}: {tuple(tokens.shape)} tokens -> {args.output}")
