@@ -207,7 +207,8 @@ class VQCoreVQDiffusionSampler:
         return {"required": {
             "model": ("VQ_DIFFUSION_MODEL", {"tooltip": "From Load VQ-Diffusion Checkpoint (or Truncation)."}),
             "positive": ("VQ_CONDITIONING", {"tooltip": "The prompt's embeddings."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "tooltip": "Seed of every random draw."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True,
+                             "tooltip": "Seed of every random draw."}),
             "steps": ("INT", {"default": 100, "min": 1, "max": 1000,
                               "tooltip": "Steps for the fast and purity modes (at most the schedule's length). "
                                          "standard always runs every timestep of the schedule."}),
