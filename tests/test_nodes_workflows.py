@@ -1,5 +1,8 @@
 """Every API-format example workflow runs through the pack's node classes (plain-torch host, the demo-model command's
-files) with shapes, ranges and determinism checked; each UI-format twin describes the same graph."""
+files) with shapes, ranges and determinism checked; each UI-format twin describes the same graph.
+
+UI-format workflows are example_workflows/<name>.json (ComfyUI lists them as templates); their API-format twins are
+example_workflows/api/<name>.json, a subfolder the template browser does not list."""
 
 import json
 from pathlib import Path
@@ -9,7 +12,7 @@ import torch
 from nodes_support import demo_models, plain_host  # noqa: F401  (demo_models is a fixture)
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "example_workflows"
-API_FILES = sorted(WORKFLOWS.glob("*.api.json"))
+API_FILES = sorted(WORKFLOWS.glob("api/*.json"))
 
 
 # ---- ComfyUI core nodes used by the examples, reduced to their documented behaviour (nodes.py, nodes_mask.py) ----
@@ -122,9 +125,11 @@ def expected_size(prompt):
 
 
 def test_every_workflow_has_both_formats():
-    ui_files = {p.name[:-len(".json")] for p in WORKFLOWS.glob("*.json") if not p.name.endswith(".api.json")}
-    api_files = {p.name[:-len(".api.json")] for p in API_FILES}
+    ui_files = {p.stem for p in WORKFLOWS.glob("*.json")}
+    api_files = {p.stem for p in API_FILES}
     assert ui_files == api_files and len(api_files) >= 4, (ui_files, api_files)
+    for path in WORKFLOWS.glob("*.json"):
+        assert "nodes" in json.loads(path.read_text()), f"{path.name} is listed as a template but is not UI format"
 
 
 @pytest.mark.parametrize("api_file", API_FILES, ids=lambda p: p.name)
@@ -172,7 +177,7 @@ def ui_graph(ui):
 @pytest.mark.parametrize("api_file", API_FILES, ids=lambda p: p.name)
 def test_ui_and_api_twins_describe_the_same_graph(pack, api_file):
     api = json.loads(api_file.read_text())
-    ui = json.loads(api_file.with_name(api_file.name.replace(".api.json", ".json")).read_text())
+    ui = json.loads((WORKFLOWS / api_file.name).read_text())
     nodes, ui_links = ui_graph(ui)
     assert {k: n["type"] for k, n in nodes.items()} == {k: n["class_type"] for k, n in api.items()}
     api_links = {(v[0], v[1], node_id, name) for node_id, node in api.items()
