@@ -51,6 +51,13 @@ def test_corrupt_safetensors_header(vq_file, tmp_path):
         load_vqmodel(broken, device="cpu")
 
 
+def test_file_that_is_not_a_weight_file_at_all(tmp_path):
+    broken = tmp_path / "zeros.safetensors"  # e.g. an interrupted download that left a zero-filled file
+    broken.write_bytes(bytes(4096))
+    with pytest.raises(CheckpointError, match=r"zeros\.safetensors"):
+        load_vqmodel(broken, device="cpu")
+
+
 class CreatesMarkerFile:
     """Unpickling this object calls Path.touch(marker): stand-in for a checkpoint that runs code when loaded."""
 

@@ -50,7 +50,8 @@ def read_raw(path, device="cpu"):
             f"{path}: refused to load: the pickle holds objects other than tensors and plain containers, and "
             f"unpickling them could run code. Convert the file to safetensors with the tool that made it. ({e})"
         ) from e
-    except (RuntimeError, EOFError, ValueError, OSError, UnicodeDecodeError) as e:
+    except (RuntimeError, EOFError, ValueError, OSError, UnicodeDecodeError, SafetensorError) as e:
+        # torch.load hands files it does not recognise to safetensors, hence SafetensorError here too
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated, corrupt or not a weight file): {e}") from e
 
 
