@@ -145,8 +145,10 @@ def test_vq_decode_of_codebook_vectors_and_indices(movq_models):
     with torch.no_grad():
         quant, _, indices = ours.quantize(z)
         full = ours.decode_indices(indices)
-    tiled = tiled_decode(ours, quant, tile_size=TILE, force_not_quantize=True)
-    assert pixel_error(tiled, full) <= PIXEL_TOLERANCE
+    from_vectors = tiled_decode(ours, quant, tile_size=TILE, force_not_quantize=True)
+    from_indices = tiled_decode(ours, indices, tile_size=TILE, force_not_quantize=True)
+    assert pixel_error(from_vectors, full) <= PIXEL_TOLERANCE
+    assert pixel_error(from_indices, full) <= PIXEL_TOLERANCE
 
 
 def test_kl_tiled_encode_equals_full_encode_where_blending_does_not(kl_models):

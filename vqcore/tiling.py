@@ -11,14 +11,16 @@ upsampling, LDM's pad-right-bottom stride-2 downsampling) -> up to the next norm
 * The tile grid is laid on the segment's output; for every tile the region each operation needs is worked out
   backwards from the tile's core (3x3 conv: one pixel each side; nearest x2: half the region, rounded outwards;
   stride-2 downsampling: from 2*start, so the stride stays aligned with the full map). The input region is read,
-  each operation's result is cropped to exactly what the next one needs, and only the core is kept. Zero padding is
-  applied only at the true image border, so every core value equals the full-map value.
-* The core is written into the segment's output map, kept on the offload device (CPU by default) in horizontal
-  bands, one per tile row. While the cores are written, the statistics the next norm needs (per group mean and
-  variance, merged across tiles in float64) are gathered from them; each pixel is counted once.
+  each operation's result is cropped to exactly what the next one needs, and only the core is kept. Values a
+  convolution's zero padding touches are kept only at the true image border, so every core value equals the
+  full-map value.
+* The core is written into the segment's output map, kept on the offload device (CPU by default) as one block per
+  tile. While the cores are written, the statistics the next norm needs (per group mean and variance, merged across
+  tiles in float64) are gathered from them; each pixel is counted once.
 * The next segment then normalises with those global statistics, so each norm sees exactly what the full pass sees.
-* Maps are freed as soon as no later segment reads them, and within their last segment band by band as the tile rows
-  pass, so the offload device holds little more than one segment's input and output.
+* Maps are freed as soon as no later segment reads them, and within their last segment block by block as the tiles
+  pass (a resnet's 1x1 shortcut is made in its first segment, so the wide input goes early), so the offload device
+  holds about one stage map plus a tile, not the several maps a full pass keeps alive.
 * Self-attention (mid block, and the attention levels some models have) mixes all pixels, so it is computed globally
   at its resolution: keys and values of the whole map are gathered tile by tile on the compute device, then each
   tile's queries attend to them with scaled_dot_product_attention (PyTorch's memory-efficient kernels).
@@ -30,6 +32,8 @@ in output pixels (decode) or input pixels (encode) is the one knob; at a level 2
 tile_size / 2**k pixels. Batches are processed one image at a time.
 """
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +42,17 @@ from .autoencoder_kl import DiagonalGaussian
 from .errors import VQCoreError
 
 MIN_TILE_LATENTS = 4  # smallest tile, in latent pixels: below this the halos cost more than the tiles
+
+
+def glibc_malloc_trim():
+    """glibc's malloc_trim, or None elsewhere."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+MALLOC_TRIM = glibc_malloc_trim()
 
 
 class TilingCancelled(RuntimeError):
@@ -163,53 +178,81 @@ class Normalise(Pointwise):
 # Feature maps on the offload device and the statistics gathered from them.
 
 
-class StageMap:
-    """A (1, C, H, W) map stored as horizontal bands, so the rows no later tile needs can be freed early."""
+def overlap(a, b):
+    """The intersection of two regions, or None."""
+    region = (max(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), min(a[3], b[3]))
+    return region if region[0] < region[1] and region[2] < region[3] else None
 
-    def __init__(self, bands, size):
-        self.bands = bands  # [top, bottom, tensor or None (freed)]
+
+class StageMap:
+    """A (1, C, H, W) map stored in blocks, one per tile of the stage that wrote it, so that the blocks no later tile
+    reads can be freed while the reading stage is still running.
+
+    Blocks and the tiles read from them are channels-last: CPU convolutions then need no reordered copy of their
+    input (less memory per tile, and faster), and GPU convolutions in half precision prefer it too.
+    """
+
+    def __init__(self, blocks, size):
+        self.blocks = blocks  # region -> (1, C, h, w) tensor
         self.size = size
 
     @classmethod
     def wrap(cls, tensor):
-        return cls([[0, tensor.shape[-2], tensor]], tuple(tensor.shape[-2:]))
+        return cls({(0, tensor.shape[-2], 0, tensor.shape[-1]): tensor}, tuple(tensor.shape[-2:]))
 
     @classmethod
-    def empty(cls, channels, size, band_rows, device, dtype):
-        bands = [[top, bottom, torch.empty(1, channels, bottom - top, size[1], device=device, dtype=dtype)]
-                 for top, bottom in band_rows]
-        return cls(bands, size)
+    def empty(cls, channels, size, cores, device, dtype):
+        blocks = {core: torch.empty(1, channels, core[1] - core[0], core[3] - core[2], device=device, dtype=dtype,
+                                    memory_format=torch.channels_last) for core in cores}
+        return cls(blocks, size)
 
     def read(self, region, device, dtype):
-        top, bottom, left, right = region
-        parts = [band[..., max(top, b0) - b0:min(bottom, b1) - b0, left:right]
-                 for b0, b1, band in self.bands if b0 < bottom and top < b1]
-        if any(part is None for part in parts):
-            raise RuntimeError("tiling read a band that was already freed")  # a scheduling bug, not bad input
-        tile = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
-        return tile.to(device=device, dtype=dtype)
+        parts = [(block, tensor, overlap(block, region)) for block, tensor in self.blocks.items()]
+        parts = [part for part in parts if part[2] is not None]
+        if len(parts) == 1 and parts[0][2] == region:  # inside one block: a view, or one copy to the device
+            return crop(parts[0][1], parts[0][0], region).to(device=device, dtype=dtype,
+                                                              memory_format=torch.channels_last)
+        channels = parts[0][1].shape[1]
+        tile = torch.empty(1, channels, region[1] - region[0], region[3] - region[2], device=device, dtype=dtype,
+                           memory_format=torch.channels_last)
+        covered = 0
+        for block, tensor, part in parts:
+            crop(tile, region, part).copy_(crop(tensor, block, part))
+            covered += (part[1] - part[0]) * (part[3] - part[2])
+        if covered != tile.shape[-2] * tile.shape[-1]:
+            raise RuntimeError("tiling read a block that was already freed")  # a scheduling bug, not bad input
+        return tile
 
-    def write(self, region, tile):
-        for b0, b1, band in self.bands:
-            if b0 <= region[0] < b1:
-                band[..., region[0] - b0:region[1] - b0, region[2]:region[3]].copy_(tile)
-                return
+    def write(self, core, tile):
+        self.blocks[core].copy_(tile)
 
-    def free_above(self, row):
-        """Free the bands that end at or above `row`."""
-        for band in self.bands:
-            if band[1] <= row:
-                band[2] = None
+    def free_unneeded(self, row_top, next_top, next_left):
+        """Free what no later tile reads: the tiles left in this tile row read from (row_top, next_left) on, later
+        tile rows from next_top down. Of a block that later rows read only in part (a halo), a copy of that part is
+        kept."""
+        for block in list(self.blocks):
+            if block[1] > row_top and block[3] > next_left:
+                continue  # the rest of this tile row reads it
+            if block[1] <= next_top:
+                del self.blocks[block]
+            elif block[0] < next_top:
+                kept = (next_top, block[1], block[2], block[3])
+                self.blocks[kept] = crop(self.blocks.pop(block), block, kept).clone()
 
     def tensor(self):
-        return torch.cat([band for _, _, band in self.bands], dim=-2)
+        any_block = next(iter(self.blocks.values()))
+        out = any_block.new_empty(1, any_block.shape[1], *self.size)
+        for block, tensor in self.blocks.items():
+            crop(out, (0, self.size[0], 0, self.size[1]), block).copy_(tensor)
+        return out
 
 
 class GroupStats:
     """Per-group mean and variance over the whole map, merged from tile cores.
 
-    Each tile gives its per-group mean and variance in one fused pass (var_mean); tiles are merged in float64 with
-    Chan's parallel formula, which, unlike sum and sum of squares, does not cancel when the mean is large.
+    Each tile gives per-channel means and variances in one fused pass (var_mean, no copy of the channels-last tile);
+    channels are merged into groups and tiles into the map in float64 with Chan's parallel formula, which, unlike
+    sums of squares, does not cancel when the mean is large.
     """
 
     def __init__(self, groups):
@@ -217,13 +260,15 @@ class GroupStats:
         self.count, self.mean, self.m2 = 0, 0.0, 0.0
 
     def add(self, core):
-        var, mean = torch.var_mean(core.reshape(self.groups, -1), dim=1, correction=0)
+        var, mean = torch.var_mean(core, dim=(0, 2, 3), correction=0)
+        var, mean = var.double().view(self.groups, -1), mean.double().view(self.groups, -1)
+        group_mean = mean.mean(dim=1)
+        group_var = var.mean(dim=1) + (mean - group_mean[:, None]).square().mean(dim=1)
         n = core.numel() // self.groups
-        var, mean = var.double(), mean.double()
         total = self.count + n
-        delta = mean - self.mean
+        delta = group_mean - self.mean
         self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + var * n + delta.square() * (self.count * n / total)
+        self.m2 = self.m2 + group_var * n + delta.square() * (self.count * n / total)
         self.count = total
 
     def mean_var(self):
@@ -261,14 +306,14 @@ class Stage:
             regions.insert(0, op.need(regions[0], size))
         return regions
 
-    def first_rows(self, core):
-        """The first row of every tile-grid map this tile reads (rows above it are no longer needed)."""
+    def first_needed(self, core):
+        """(top, left) of what this tile reads from each map it reads on the tile grid."""
         regions = self.regions(core)
-        rows = {self.source: regions[0][0]}
+        needed = {self.source: regions[0][:3:2]}
         for op, region in zip(self.ops, regions):
             if isinstance(op, AddResidual):
-                rows[op.source] = min(rows.get(op.source, region[0]), region[0])
-        return rows
+                needed[op.source] = region[:3:2]
+        return needed
 
     def compute(self, ctx, core):
         regions = self.regions(core)
@@ -291,8 +336,8 @@ class AttentionStage:
     def reads(self):
         return [self.source] + ([self.norm.zq] if self.norm.zq else [])
 
-    def first_rows(self, core):
-        return {self.source: core[0]}
+    def first_needed(self, core):
+        return {self.source: core[:3:2]}
 
     def tokens(self, ctx, core):
         """(residual (1, C, h, w), normalised tokens (1, h*w, C)) of one tile."""
@@ -501,6 +546,17 @@ class Runner:
                 self.stats.pop(name, None)
         return self.maps[self.program.stages[-1].output].tensor()
 
+    def free_unneeded(self, stage, grid, r, c, last_reads):
+        """After tile (r, c): free the blocks of maps last read by this stage that the remaining tiles do not read
+        (what a tile reads starts further right along a row and further down the grid)."""
+        end = (float("inf"), float("inf"))
+        rest_of_row = stage.first_needed(grid[r][c + 1]) if c + 1 < len(grid[r]) else {}
+        later_rows = stage.first_needed(grid[r + 1][0]) if r + 1 < len(grid) else {}
+        for name in stage.first_needed(grid[r][c]):
+            if name in last_reads:
+                row_top, next_left = rest_of_row.get(name, end)
+                self.maps[name].free_unneeded(row_top, later_rows.get(name, end)[0], next_left)
+
     def run_stage(self, stage, last_reads):
         size = stage.sizes[-1]
         grid = stage_grid(stage, self.tile_size)
@@ -508,26 +564,26 @@ class Runner:
             stage.gather_keys_values(self, grid)
         groups = self.program.stats_groups.get(stage.output)
         stats = GroupStats(groups) if groups else None
-        band_rows = [(row[0][0], row[0][1]) for row in grid]
-        for row in grid:
-            # Rows above what this tile row reads are not read by any later tile (regions only move down).
-            for name, first_row in stage.first_rows(row[0]).items():
-                if name in last_reads:
-                    self.maps[name].free_above(first_row)
-            for core in row:
+        cores = [core for row in grid for core in row]
+        for r, row in enumerate(grid):
+            for c, core in enumerate(row):
                 self.tick()
                 tiles = {stage.output: stage.compute(self, core)}
                 for name, fn in stage.side_outputs:
                     tiles[name] = fn(self.read(stage.source, core))
                 for name, tile in tiles.items():
                     if name not in self.maps:
-                        self.maps[name] = StageMap.empty(tile.shape[1], size, band_rows, self.offload_device,
-                                                         self.dtype)
+                        self.maps[name] = StageMap.empty(tile.shape[1], size, cores, self.offload_device, self.dtype)
                     self.maps[name].write(core, tile)
                 if stats is not None:
                     stats.add(tiles[stage.output])
                 del tiles
+                self.free_unneeded(stage, grid, r, c, last_reads)
                 self.done_tile()
+            if MALLOC_TRIM is not None and self.offload_device.type == "cpu":
+                # glibc keeps the freed blocks (tens of MB each) in its heaps rather than returning them to the
+                # system, so without this the process would hold about one more stage map.
+                MALLOC_TRIM(0)
         if isinstance(stage, AttentionStage):
             stage.release()
         if stats is not None:
