@@ -48,7 +48,7 @@ def glibc_malloc_trim():
     """glibc's malloc_trim, or None elsewhere."""
     try:
         return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows cannot open the running program this way
         return None
 
 
