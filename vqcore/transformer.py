@@ -3,8 +3,9 @@
 Module and parameter names are those of diffusers' `Transformer2DModel` (discrete path, `norm_type="ada_norm"`), so its
 state dicts load with strict=True. Differences: AdaLayerNorm also takes one timestep per sample, the output
 log-softmax runs in float64 a slice at a time (same bits, no full-size float64 copy), and a batch of tokens half the
-size of the text batch (classifier-free guidance: the same tokens under [negative; prompt]) shares the first
-block's self-attention instead of computing it twice.
+size of the text batch (classifier-free guidance: the same tokens under [negative; prompt]) runs the first block up
+to the text (norm1, self-attention, norm2 and the cross-attention query) once instead of twice. Activations and
+residual sums are computed in place (same bits, fewer full-size temporaries).
 """
 
 import torch
@@ -49,7 +50,7 @@ class AdaLayerNorm(nn.Module):
             scale, shift = modulation.chunk(2, dim=0)
         else:
             scale, shift = modulation[:, None, :].chunk(2, dim=-1)
-        return self.norm(x) * (1 + scale) + shift
+        return self.norm(x).mul_(1 + scale).add_(shift)
 
 
 class Attention(nn.Module):
@@ -65,9 +66,12 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(dropout)])
 
     def forward(self, x, context=None):
-        context = x if context is None else context
-        batch = x.shape[0]
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        return self.attend(self.to_q(x), x if context is None else context)
+
+    def attend(self, q, context):
+        """Attention of the projected queries q (B, N, heads * head_dim) to the context (B, L, C)."""
+        batch = q.shape[0]
+        k, v = self.to_k(context), self.to_v(context)
         head_dim = k.shape[-1] // self.heads
         q, k, v = (y.view(batch, -1, self.heads, head_dim).transpose(1, 2) for y in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)
@@ -86,7 +90,7 @@ class Projection(nn.Module):
     def forward(self, x):
         x = self.proj(x)
         if self.kind == "geglu-approximate":  # the original's "GELU2": not gated despite the name
-            return x * torch.sigmoid(1.702 * x)
+            return torch.mul(x, 1.702).sigmoid_().mul_(x)
         if self.kind == "geglu":
             x, gate = x.chunk(2, dim=-1)
             return x * F.gelu(gate)
@@ -117,15 +121,17 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim, activation_fn, dropout)
 
     def forward(self, x, context, timestep):
-        x = self.self_attention(x, timestep)
-        return self.cross_and_feed_forward(x, context, timestep)
+        x = self.attn1(self.norm1(x, timestep)).add_(x)
+        x = self.attn2(self.norm2(x, timestep), context).add_(x)
+        return self.ff(self.norm3(x)).add_(x)
 
-    def self_attention(self, x, timestep):
-        return self.attn1(self.norm1(x, timestep)) + x
-
-    def cross_and_feed_forward(self, x, context, timestep):
-        x = self.attn2(self.norm2(x, timestep), context) + x
-        return self.ff(self.norm3(x)) + x
+    def forward_shared_tokens(self, x, context, timestep):
+        """x (B, N, D) under a text batch of 2B ([negative; prompt]): both halves see the same x until the text enters,
+        so norm1, self-attention, norm2 and the cross-attention query run on B rows; timestep is that of those B rows."""
+        x = self.attn1(self.norm1(x, timestep)).add_(x)
+        query = self.attn2.to_q(self.norm2(x, timestep)).repeat(2, 1, 1)
+        x = self.attn2.attend(query, context).add_(x.repeat(2, 1, 1))
+        return self.ff(self.norm3(x)).add_(x)
 
 
 class VQDiffusionTransformer(nn.Module):
@@ -223,10 +229,8 @@ class VQDiffusionTransformer(nn.Module):
         encoder_hidden_states = encoder_hidden_states.to(self.dtype)
         for index, block in enumerate(self.transformer_blocks):
             if index == 0 and repeats == 2:
-                # Both guidance branches see the same tokens, so the first self-attention is the same for both.
                 first_timestep = timestep[: tokens.shape[0]] if timestep.ndim == 1 else timestep
-                hidden = block.self_attention(hidden, first_timestep).repeat(2, 1, 1)
-                hidden = block.cross_and_feed_forward(hidden, encoder_hidden_states, timestep)
+                hidden = block.forward_shared_tokens(hidden, encoder_hidden_states, first_timestep)
             else:
                 hidden = block(hidden, encoder_hidden_states, timestep)
         logits = self.out(self.norm_out(hidden))
@@ -248,12 +252,19 @@ def log_softmax_classes(logits):
 
     diffusers runs log_softmax on a float64 copy of the permuted logits (two float64 tensors of the full size). Slicing
     over batch and tokens gives the same kernel the same columns, so the result is bit-identical while the float64
-    temporaries stay at (K-1) x LOG_SOFTMAX_SLICE.
+    temporaries stay at (K-1) x LOG_SOFTMAX_SLICE. Each slice is transposed and widened in one copy into a reused
+    contiguous buffer, so the kernel gets the layout it works in without a copy of its own.
     """
     batch, tokens, classes = logits.shape
     out = torch.empty(batch, classes, tokens, dtype=torch.float32, device=logits.device)
+    buffers = {}
     for b in range(batch):
         for start in range(0, tokens, LOG_SOFTMAX_SLICE):
-            piece = logits[b, start : start + LOG_SOFTMAX_SLICE].T.double()
-            out[b, :, start : start + LOG_SOFTMAX_SLICE] = F.log_softmax(piece, dim=0)
+            width = min(LOG_SOFTMAX_SLICE, tokens - start)
+            if width not in buffers:  # the full slice width and at most one narrower last slice
+                buffers[width] = torch.empty(2, classes, width, dtype=torch.float64, device=logits.device).unbind(0)
+            piece, result = buffers[width]
+            piece.copy_(logits[b, start : start + width].T)
+            torch.log_softmax(piece, dim=0, out=result)
+            out[b, :, start : start + width] = result
     return out
