@@ -152,7 +152,10 @@ def predict_x0(transformer, tokens, context, t, guidance_scale, truncation_rate)
     if guidance_scale > 1:
         uncond, text = log_p.chunk(2)
         log_p = text.sub_(uncond).mul_(guidance_scale).add_(uncond)
-        log_p -= torch.logsumexp(log_p, dim=1, keepdim=True)
+        # Renormalised into class-last memory, the layout truncate sorts in, so it needs no transposing copy.
+        batch, classes, pixels = log_p.shape
+        class_last = torch.empty(batch, pixels, classes, dtype=log_p.dtype, device=log_p.device).transpose(1, 2)
+        log_p = torch.sub(log_p, torch.logsumexp(log_p, dim=1, keepdim=True), out=class_last)
     return truncate(log_p, truncation_rate, fill_value=LOG_FLOOR).clamp_(min=LOG_FLOOR)
 
 
