@@ -260,8 +260,9 @@ class GroupStats:
         self.count, self.mean, self.m2 = 0, 0.0, 0.0
 
     def add(self, core):
-        var, mean = torch.var_mean(core, dim=(0, 2, 3), correction=0)
-        var, mean = var.double().view(self.groups, -1), mean.double().view(self.groups, -1)
+        # fp16/bf16 tiles are reduced in float32; the merging is done on the CPU (MPS has no float64).
+        var, mean = torch.var_mean(core.float(), dim=(0, 2, 3), correction=0)
+        var, mean = (t.to("cpu", torch.float64).view(self.groups, -1) for t in (var, mean))
         group_mean = mean.mean(dim=1)
         group_var = var.mean(dim=1) + (mean - group_mean[:, None]).square().mean(dim=1)
         n = core.numel() // self.groups
@@ -494,7 +495,7 @@ class Runner:
         self.program, self.tile_size = program, tile_size
         self.device, self.dtype, self.offload_device = device, dtype, offload_device
         self.progress, self.should_cancel, self.counter = progress, should_cancel, counter
-        self.maps, self.stats = {}, {}
+        self.maps, self.stats, self.affines = {}, {}, {}
 
     def tick(self):
         """Called before every tile: cancellation point."""
@@ -520,16 +521,21 @@ class Runner:
 
     def affine(self, op):
         """Per-channel scale and shift equal to GroupNorm with the global statistics of op.source."""
+        if op not in self.affines:
+            self.affines[op] = self.global_affine(op)
+        return self.affines[op]
+
+    def global_affine(self, op):
+        """Computed in float64 on the CPU, once per stage."""
         norm = group_norm_of(op.norm)
         mean, var = self.stats[op.source]
         channels = norm.num_channels
         per_channel = channels // norm.num_groups
         rstd = (var + norm.eps).rsqrt().repeat_interleave(per_channel)
         mean = mean.repeat_interleave(per_channel)
-        weight = norm.weight.double() if norm.weight is not None else torch.ones(channels, dtype=torch.float64)
-        bias = norm.bias.double() if norm.bias is not None else torch.zeros(channels, dtype=torch.float64)
-        scale = weight.to(rstd.device) * rstd
-        shift = bias.to(rstd.device) - mean * scale
+        as_float64 = lambda t, default: t.detach().to("cpu", torch.float64) if t is not None else default
+        scale = as_float64(norm.weight, 1.0) * rstd
+        shift = as_float64(norm.bias, 0.0) - mean * scale
         as_map = lambda t: t.to(device=self.device, dtype=self.dtype).view(1, channels, 1, 1)
         return as_map(scale), as_map(shift)
 
