@@ -125,7 +125,8 @@ class Downsample2x:
 
 
 class Pointwise:
-    """Any per-pixel operation: activation, 1x1 convolution. The input is a fresh tensor, so in-place is fine."""
+    """Any per-pixel operation: a 1x1 convolution, or an activation (always right after a norm, so it may work in
+    place on the norm's fresh output)."""
 
     def __init__(self, fn):
         self.fn = fn
