@@ -150,13 +150,20 @@ def predict_x0(transformer, tokens, context, t, guidance_scale, truncation_rate)
     """log p(x0 | x_t) (B, K - 1, N) after guidance and truncation, clamped at -70 like diffusers."""
     log_p = transformer(tokens, context, torch.tensor(t, device=tokens.device))
     if guidance_scale > 1:
-        uncond, text = log_p.chunk(2)
-        log_p = text.sub_(uncond).mul_(guidance_scale).add_(uncond)
-        # Renormalised into class-last memory, the layout truncate sorts in, so it needs no transposing copy.
-        batch, classes, pixels = log_p.shape
-        class_last = torch.empty(batch, pixels, classes, dtype=log_p.dtype, device=log_p.device).transpose(1, 2)
-        log_p = torch.sub(log_p, torch.logsumexp(log_p, dim=1, keepdim=True), out=class_last)
+        log_p = combine_guidance(log_p, guidance_scale)  # frees the transformer output before truncation
     return truncate(log_p, truncation_rate, fill_value=LOG_FLOOR).clamp_(min=LOG_FLOOR)
+
+
+def combine_guidance(log_p, guidance_scale):
+    """[negative; prompt] log-probabilities (2B, K - 1, N) -> u + w (c - u), renormalised, (B, K - 1, N).
+
+    The result is laid out class-last in memory, the layout truncate sorts in, so it needs no transposing copy.
+    """
+    uncond, text = log_p.chunk(2)
+    guided = text.sub_(uncond).mul_(guidance_scale).add_(uncond)
+    batch, classes, pixels = guided.shape
+    class_last = torch.empty(batch, pixels, classes, dtype=guided.dtype, device=guided.device).transpose(1, 2)
+    return torch.sub(guided, torch.logsumexp(guided, dim=1, keepdim=True), out=class_last)
 
 
 def purity_step(scheduler, log_p_x0, tokens, t, prev_t, prior_rule, prior_weight, generator):

@@ -32,10 +32,9 @@ def truncate(log_probs, rate, fill_value=-torch.inf):
     class_last = log_probs.transpose(1, 2).contiguous()
     sorted_log_probs, order = torch.sort(class_last, dim=2, descending=True)
     mass_before = sorted_log_probs.exp().cumsum_(dim=2)
-    keep_sorted = torch.empty_like(mass_before, dtype=torch.bool)
-    keep_sorted[..., :1] = True
-    torch.lt(mass_before[..., :-1], rate, out=keep_sorted[..., 1:])
-    del mass_before
-    # Put each class's value back at its own index: kept ones unchanged, dropped ones replaced.
-    kept = torch.empty_like(class_last).scatter_(2, order, sorted_log_probs.masked_fill_(~keep_sorted, fill_value))
+    dropped_sorted = torch.empty_like(mass_before, dtype=torch.bool)
+    dropped_sorted[..., 0] = False  # the most likely class is always kept
+    torch.lt(mass_before[..., :-1], rate, out=dropped_sorted[..., 1:]).logical_not_()
+    # Put each class's value back at its own index (kept ones unchanged, dropped ones replaced), reusing mass_before.
+    kept = mass_before.scatter_(2, order, sorted_log_probs.masked_fill_(dropped_sorted, fill_value))
     return kept.transpose(1, 2)
