@@ -2,15 +2,18 @@
 
 Shapes: hidden 1408 (16 heads x 88), 4097 classes, 32x32 = 1024 tokens, text 77 x 512, 2 images with guidance
 (transformer batch 4), 2 transformer layers instead of 36. A step is: transformer, guidance, truncation 0.86 (the ithq
-default), clamp, q_posterior and Gumbel sampling. Prints the median time of each side, the ratio vqcore / diffusers,
-and the peak memory of the step above the resident memory before it (RSS sampled every millisecond, each side in a
-fresh process so neither inherits the other's allocator state).
+default), clamp, q_posterior and Gumbel sampling, timed phase by phase. Prints each side's median step time and the
+median of each phase, the ratio vqcore / diffusers, the load average while timing, and the peak memory of the step
+above the resident memory before it (RSS sampled every millisecond, each side in a fresh process so neither inherits
+the other's allocator state; freed memory is handed back to the system first, so reusing it counts too).
 
     python bench/bench_vq_diffusion.py [--runs 5] [--threads 2]
 """
 
 import argparse
+import ctypes
 import multiprocessing
+import os
 import statistics
 import sys
 import threading
@@ -46,30 +49,66 @@ def build(threads):
     return dict(ours=(ours, VQDiffusionScheduler(4097)), diffusers=(theirs, TheirScheduler(4097))), tokens, context
 
 
-def step_ours(parts, tokens, context):
-    from vqcore.sampler import predict_x0
+def phases_ours(parts, tokens, context):
+    """(name, function of the previous phase's result) pairs; the last one returns the sampled tokens.
+    The same calls as vqcore.sampler's step (predict_x0, then scheduler.step)."""
+    from vqcore.sampler import LOG_FLOOR, combine_guidance
+    from vqcore.scheduler import gumbel_argmax
+    from vqcore.truncation import truncate
 
     transformer, scheduler = parts
-    with torch.no_grad():
-        log_p = predict_x0(transformer, tokens, context, TIMESTEP, GUIDANCE, TRUNCATION)
-        return scheduler.step(log_p, TIMESTEP, tokens, torch.Generator().manual_seed(0))
+    return [
+        ("transformer", lambda _: transformer(tokens, context, torch.tensor(TIMESTEP))),
+        ("guidance", lambda log_p: combine_guidance(log_p, GUIDANCE)),
+        ("truncation", lambda log_p: truncate(log_p, TRUNCATION, fill_value=LOG_FLOOR).clamp_(min=LOG_FLOOR)),
+        ("q_posterior", lambda log_p: scheduler.q_posterior(log_p, tokens, TIMESTEP)),
+        ("gumbel sample", lambda log_p: gumbel_argmax(log_p, torch.Generator().manual_seed(0))),
+    ]
 
 
-def step_diffusers(parts, tokens, context):
+def phases_diffusers(parts, tokens, context):
+    """The body of VQDiffusionPipeline.__call__'s loop, with scheduler.step split into its two parts."""
     from diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diffusion import VQDiffusionPipeline
+    from diffusers.schedulers.scheduling_vq_diffusion import gumbel_noised
 
     transformer, scheduler = parts
     t = torch.tensor(TIMESTEP)
-    with torch.no_grad():  # the body of VQDiffusionPipeline.__call__'s loop
-        out = transformer(torch.cat([tokens] * 2), encoder_hidden_states=context, timestep=t).sample
+
+    def guidance(out):
         uncond, text = out.chunk(2)
         out = uncond + GUIDANCE * (text - uncond)
         out -= torch.logsumexp(out, dim=1, keepdim=True)
-        out = VQDiffusionPipeline.truncate(None, out, TRUNCATION).clamp(-70)
-        return scheduler.step(out, timestep=t, sample=tokens, generator=torch.Generator().manual_seed(0)).prev_sample
+        return out
+
+    return [
+        ("transformer", lambda _: transformer(torch.cat([tokens] * 2), encoder_hidden_states=context, timestep=t).sample),
+        ("guidance", guidance),
+        ("truncation", lambda out: VQDiffusionPipeline.truncate(None, out, TRUNCATION).clamp(-70)),
+        ("q_posterior", lambda out: scheduler.q_posterior(out, tokens, t)),
+        ("gumbel sample", lambda log_p: gumbel_noised(log_p, torch.Generator().manual_seed(0)).argmax(dim=1)),
+    ]
 
 
-STEPS = dict(ours=step_ours, diffusers=step_diffusers)
+PHASES = dict(ours=phases_ours, diffusers=phases_diffusers)
+
+
+def run_step(side, parts, tokens, context, timings=None):
+    """One step; appends each phase's seconds to timings[name] when given. Returns the sampled tokens."""
+    result = None
+    with torch.no_grad():
+        for name, phase in PHASES[side](parts, tokens, context):
+            started = time.perf_counter()
+            result = phase(result)
+            if timings is not None:
+                timings.setdefault(name, []).append(time.perf_counter() - started)
+    return result
+
+
+def glibc_malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
 
 
 def rss_bytes():
@@ -82,7 +121,10 @@ def peak_memory(side, threads, queue):
     models, tokens, context = build(threads)
     parts = models[side]
     del models
-    STEPS[side](parts, tokens, context)
+    run_step(side, parts, tokens, context)
+    malloc_trim = glibc_malloc_trim()
+    if malloc_trim is not None:
+        malloc_trim(0)
     baseline = peak = rss_bytes()
     done = threading.Event()
 
@@ -94,7 +136,7 @@ def peak_memory(side, threads, queue):
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    STEPS[side](parts, tokens, context)
+    run_step(side, parts, tokens, context)
     done.set()
     watcher.join()
     queue.put(peak - baseline)
@@ -107,30 +149,36 @@ def main():
     args = parser.parse_args()
 
     models, tokens, context = build(args.threads)
-    assert torch.equal(STEPS["ours"](models["ours"], tokens, context), STEPS["diffusers"](models["diffusers"], tokens, context)), \
+    assert torch.equal(*(run_step(side, models[side], tokens, context) for side in PHASES)), \
         "the two steps sample different tokens"
-    times = {side: [] for side in STEPS}
+    times, phase_times, loads = {side: [] for side in PHASES}, {side: {} for side in PHASES}, []
     for _ in range(args.runs):  # alternate the sides so that machine load affects both alike
-        for side, step in STEPS.items():
+        loads.append(os.getloadavg()[0])
+        for side in PHASES:
             started = time.perf_counter()
-            step(models[side], tokens, context)
+            run_step(side, models[side], tokens, context, phase_times[side])
             times[side].append(time.perf_counter() - started)
     del models
 
-    context_ = multiprocessing.get_context("spawn")
+    spawn = multiprocessing.get_context("spawn")
     memory = {}
-    for side in STEPS:
-        queue = context_.Queue()
-        child = context_.Process(target=peak_memory, args=(side, args.threads, queue))
+    for side in PHASES:
+        queue = spawn.Queue()
+        child = spawn.Process(target=peak_memory, args=(side, args.threads, queue))
         child.start()
         memory[side] = queue.get()
         child.join()
 
     median = {side: statistics.median(values) for side, values in times.items()}
-    print(f"one step at ithq shapes, 2 layers, {IMAGES} images with guidance, {args.threads} threads, {args.runs} runs each")
-    for side in STEPS:
+    print(f"one step at ithq shapes, 2 layers, {IMAGES} images with guidance, {args.threads} threads, {args.runs} runs "
+          f"each; 1-minute load average {min(loads):.1f}..{max(loads):.1f} on {os.cpu_count()} CPUs while timing")
+    for side in PHASES:
         runs = ", ".join(f"{v:.2f}" for v in times[side])
         print(f"  {side:9s} median {median[side]:6.2f} s  (runs: {runs})  peak step memory {memory[side] / 2**20:7.0f} MiB")
+    print(f"  median per phase, s {'ours':>10s} {'diffusers':>10s} {'ratio':>7s}")
+    for name in phase_times["ours"]:
+        ours, theirs = (statistics.median(phase_times[side][name]) for side in PHASES)
+        print(f"    {name:17s} {ours:10.3f} {theirs:10.3f} {ours / theirs:7.2f}")
     print(f"  time ratio vqcore / diffusers:   {median['ours'] / median['diffusers']:.2f}")
     print(f"  memory ratio vqcore / diffusers: {memory['ours'] / memory['diffusers']:.2f}")
 
