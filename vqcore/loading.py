@@ -80,10 +80,11 @@ def _read_folder(folder, device, variant):
             raise CheckpointError(f"{folder}: no config.json, and no {' or '.join(PIPELINE_COMPONENTS)}/ component folder")
         folder = component
     config = read_config(folder)
+    # A shard holds any slice of the VAE, so the VAE's keys are picked from all shards together.
     state = {}
     for file in find_weights(folder, variant=variant):
-        state.update(_read_vae_tensors(file, device)[0])
-    state = to_diffusers_names(state, folder)
+        state.update(_read_tensors(file, device, lambda keys: {key: key for key in keys})[0])
+    state = to_diffusers_names({name: state[key] for key, name in select_vae_keys(state, folder).items()}, folder)
     class_name = config.get("_class_name")
     if class_name not in MODEL_CLASSES:
         class_name = KIND_CLASS_NAMES[model_kind(state)]
@@ -91,7 +92,7 @@ def _read_folder(folder, device, variant):
 
 
 def _read_single_file(path, device):
-    raw, all_keys = _read_vae_tensors(path, device)
+    raw, all_keys = _read_tensors(path, device, lambda keys: select_vae_keys(keys, path))
     state = to_diffusers_names(raw, path)
     config = infer_config(state, path)
     if config["_class_name"] == "AutoencoderKL":
@@ -101,19 +102,20 @@ def _read_single_file(path, device):
     return config, state, path
 
 
-def _read_vae_tensors(path, device):
-    """The VAE's tensors of one file, prefix removed, on `device`, and the names of all tensors in the file."""
+def _read_tensors(path, device, select):
+    """The tensors of one file that select(keys) maps to new names ({key: name}), on `device`, and the names of all
+    tensors in the file."""
     path = Path(path)
     if path.is_file() and path.stat().st_size > 0 and is_safetensors(path):
         try:
             with safe_open(str(path), framework="pt", device=_safetensors_device(device)) as f:
                 keys = list(f.keys())
-                return {name: f.get_tensor(key) for key, name in select_vae_keys(keys, path).items()}, keys
+                return {name: f.get_tensor(key) for key, name in select(keys).items()}, keys
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
-    # Pickles must be parsed whole; parse on the CPU and move only the VAE's tensors.
+    # Pickles must be parsed whole; parse on the CPU and move only the selected tensors.
     state = read_state_dict(path, "cpu")
-    return {name: state[key].to(device) for key, name in select_vae_keys(state, path).items()}, list(state)
+    return {name: state[key].to(device) for key, name in select(state).items()}, list(state)
 
 
 def _safetensors_device(device):
