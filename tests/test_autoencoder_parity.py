@@ -224,3 +224,14 @@ def test_sharded_folder_loads(safe_serialization, tmp_path):
     assert len(list(tmp_path.glob("diffusion_pytorch_model-*"))) > 2
     x = image((1, 3, 8, 8), seed=9)
     assert_close(load_autoencoder_kl(tmp_path, device="cpu").encode(x).mean, reference.encode(x).latent_dist.mean, "encode")
+
+
+@torch.inference_mode()
+def test_sharded_fp16_variant_folder_loads(tmp_path):
+    """diffusers names the variant's shard index x.safetensors.index.fp16.json (variant after "index")."""
+    torch.manual_seed(10)
+    reference = perturb(diffusers.AutoencoderKL(**SMALL_KL), 10).eval().half()
+    reference.save_pretrained(tmp_path, max_shard_size="20KB", variant="fp16")
+    assert (tmp_path / "diffusion_pytorch_model.safetensors.index.fp16.json").is_file()
+    ours = load_autoencoder_kl(tmp_path, device="cpu", variant="fp16")
+    assert torch.equal(ours.decoder.conv_out.weight, reference.decoder.conv_out.weight.float())

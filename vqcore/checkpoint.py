@@ -89,7 +89,8 @@ def find_weights(folder, stems=("diffusion_pytorch_model",), variant=None) -> li
                 single = folder / f"{name}{suffix}"
                 if single.is_file():
                     return [single]
-                index = folder / f"{name}{suffix}.index.json"
+                # diffusers and transformers put the variant after ".index": x.safetensors.index.fp16.json
+                index = folder / f"{stem}{suffix}.index{'.' + var if var else ''}.json"
                 if index.is_file():
                     try:
                         weight_map = json.loads(index.read_text())["weight_map"]
