@@ -141,3 +141,13 @@ def test_shape_mismatch_is_named(tmp_path, vq_file):
     with pytest.raises(CheckpointError, match=r"shape mismatches \(1\): post_quant_conv\.bias \(file \(5,\), model \(4,\)\)"):
         load_vqmodel(tmp_path / "shapes.safetensors", device="cpu")
 
+
+
+def test_tensor_with_wrong_rank_for_inferring_the_architecture(tmp_path, vq_file):
+    from safetensors.torch import load_file
+
+    state = load_file(vq_file)
+    state["quantize.embedding.weight"] = torch.zeros(16)  # a damaged codebook, flattened
+    save_file(state, tmp_path / "flat-codebook.safetensors")
+    with pytest.raises(CheckpointError, match=r"flat-codebook\.safetensors: tensor quantize\.embedding\.weight has shape \(16,\)"):
+        load_vqmodel(tmp_path / "flat-codebook.safetensors", device="cpu")

@@ -219,9 +219,11 @@ def infer_config(state: dict, source) -> dict:
     sample size and latent scaling constants come from the family table.
     """
 
-    def shape(key):
+    def shape(key, ndim=4):
         if key not in state:
             raise CheckpointError(f"{source}: cannot infer the VAE architecture: tensor {key} is missing")
+        if state[key].ndim != ndim:
+            raise CheckpointError(f"{source}: tensor {key} has shape {tuple(state[key].shape)}; expected {ndim} dimensions")
         return tuple(state[key].shape)
 
     levels = _levels(state, r"encoder\.down_blocks\.(\d+)\.")
@@ -249,7 +251,7 @@ def infer_config(state: dict, source) -> dict:
     latent = config["latent_channels"]
     encoder_out = shape("encoder.conv_out.weight")[0]
     if model_kind(state) == "vq":
-        num_embeddings, embed_dim = shape("quantize.embedding.weight")
+        num_embeddings, embed_dim = shape("quantize.embedding.weight", ndim=2)
         config.update(
             num_vq_embeddings=num_embeddings,
             vq_embed_dim=embed_dim,
