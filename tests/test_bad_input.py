@@ -151,3 +151,23 @@ def test_tensor_with_wrong_rank_for_inferring_the_architecture(tmp_path, vq_file
     save_file(state, tmp_path / "flat-codebook.safetensors")
     with pytest.raises(CheckpointError, match=r"flat-codebook\.safetensors: tensor quantize\.embedding\.weight has shape \(16,\)"):
         load_vqmodel(tmp_path / "flat-codebook.safetensors", device="cpu")
+
+
+def test_integer_weights_are_named(tmp_path, vq_file):
+    from safetensors.torch import load_file
+
+    state = load_file(vq_file)
+    state["encoder.conv_in.weight"] = state["encoder.conv_in.weight"].to(torch.int32)
+    save_file(state, tmp_path / "int.safetensors")
+    with pytest.raises(CheckpointError, match=r"int\.safetensors.*not floating point \(1\): encoder\.conv_in\.weight \(torch\.int32\)"):
+        load_vqmodel(tmp_path / "int.safetensors", device="cpu")
+
+
+def test_config_error_from_shapes_names_the_file(tmp_path, vq_file):
+    from safetensors.torch import load_file
+
+    state = load_file(vq_file)  # first level narrowed to 24 channels, which 32 GroupNorm groups cannot divide
+    state = {k: v[:24] if k.startswith("encoder.down.0.block.0.conv1.") else v for k, v in state.items()}
+    save_file(state, tmp_path / "narrow.safetensors")
+    with pytest.raises(CheckpointError, match=r"narrow\.safetensors: block_out_channels \[24, 32, 64\]"):
+        load_vqmodel(tmp_path / "narrow.safetensors", device="cpu")

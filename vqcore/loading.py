@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from .autoencoder_kl import AutoencoderKL
 from .checkpoint import find_weights, is_safetensors, read_config, read_state_dict
 from .devices import default_device, resolve_dtype
-from .errors import CheckpointError
+from .errors import CheckpointError, VQCoreError
 from .vae_layouts import (
     apply_family,
     guess_kl_family,
@@ -125,10 +125,13 @@ def _safetensors_device(device):
 
 
 def _build(cls, config, state, device, dtype, source):
-    with torch.device("meta"):  # no random initialisation, no memory until the real tensors are assigned
-        model = cls.from_config(config)
+    try:
+        with torch.device("meta"):  # no random initialisation, no memory until the real tensors are assigned
+            model = cls.from_config(config)
+    except VQCoreError as e:  # e.g. channel counts that no GroupNorm divides
+        raise CheckpointError(f"{source}: {e}") from e
     _check_keys(model, state, cls.__name__, source)
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left_on_meta:
@@ -145,9 +148,11 @@ def _check_keys(model, state, class_name, source):
         for k in sorted(set(expected) & set(state))
         if tuple(state[k].shape) != expected[k]
     ]
+    not_float = [f"{k} ({state[k].dtype})" for k in sorted(state) if not state[k].is_floating_point()]
     problems = [
         f"{label} ({len(items)}): {', '.join(items[:12])}{', ...' if len(items) > 12 else ''}"
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched),
+                             ("not floating point", not_float))
         if items
     ]
     if problems:
