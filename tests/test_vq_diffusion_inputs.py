@@ -86,3 +86,14 @@ def test_folder_that_is_not_vq_diffusion(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(CheckpointError, match="not a VQ-Diffusion checkpoint"):
         load_vq_diffusion(tmp_path, device="cpu")
+
+
+@pytest.mark.parametrize("config_file, drop", [("scheduler/scheduler_config.json", "num_vec_classes"),
+                                               ("transformer/config.json", "sample_size")])
+def test_config_missing_a_required_field_names_the_file(demo_folder, tmp_path, config_file, drop):
+    broken = shutil.copytree(demo_folder, tmp_path / "broken")
+    config = json.loads((broken / config_file).read_text())
+    del config[drop]
+    (broken / config_file).write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=f"{config_file}: .*{drop}"):
+        load_vq_diffusion(broken, device="cpu")

@@ -15,7 +15,7 @@ import torch
 
 from .checkpoint import read_config, read_folder_state_dict
 from .devices import default_device, resolve_dtype
-from .errors import CheckpointError
+from .errors import CheckpointError, VQCoreError
 from .loading import load_vqmodel
 from .sampler import sample
 from .scheduler import VQDiffusionScheduler
@@ -66,7 +66,8 @@ def load_vq_diffusion(folder, device=None, dtype=None, variant=None) -> VQDiffus
     if vqvae.num_embeddings != transformer.num_vector_embeds - 1:
         raise CheckpointError(f"{folder}: the VQ-VAE has {vqvae.num_embeddings} codes but the transformer predicts "
                               f"{transformer.num_vector_embeds - 1} classes")
-    scheduler = VQDiffusionScheduler.from_config(read_json(folder / "scheduler" / "scheduler_config.json"))
+    scheduler_config = folder / "scheduler" / "scheduler_config.json"
+    scheduler = from_config_file(VQDiffusionScheduler, read_json(scheduler_config), scheduler_config)
     if scheduler.num_embed != transformer.num_vector_embeds:
         raise CheckpointError(f"{folder}: scheduler has {scheduler.num_embed} classes, transformer {transformer.num_vector_embeds}")
     text_encoder = VQTextEncoder.from_folders(folder / "tokenizer", folder / "text_encoder", device, dtype, variant)
@@ -94,6 +95,15 @@ def read_json(path):
         raise CheckpointError(f"{path}: missing or not valid JSON: {e}") from e
 
 
+def from_config_file(cls, config, path):
+    """cls.from_config(config); a config it cannot use (a field missing or of the wrong type) is a CheckpointError
+    naming the file."""
+    try:
+        return cls.from_config(config)
+    except (VQCoreError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
 def read_component(folder, variant):
     """State dict of a component folder; falls back to the default weights when the variant is absent (the
     ithq null-embedding folder has no fp16 file)."""
@@ -109,7 +119,7 @@ def load_transformer(folder, device, dtype, variant):
     config = read_config(folder)
     if "num_vector_embeds" not in config:
         raise CheckpointError(f"{folder}/config.json: not a discrete (VQ-Diffusion) transformer: no num_vector_embeds")
-    model = VQDiffusionTransformer.from_config(config)
+    model = from_config_file(VQDiffusionTransformer, config, folder / "config.json")
     state = read_component(folder, variant)
     missing, unexpected = sorted(model.state_dict().keys() - state.keys()), sorted(state.keys() - model.state_dict().keys())
     if missing or unexpected:
