@@ -175,17 +175,19 @@ def conditioning(cond, model, input_name):
 
 def token_mask(mask, grid, factor, batch):
     """MASK [B,H,W] at image size (token grid × downscale factor) or at token-grid size → bool (B, h, w): a token is
-    regenerated when any pixel of its patch is masked (> 0.5)."""
+    regenerated when any pixel of its patch is masked (> 0.5). An image-size mask may be up to factor - 1 pixels
+    larger: it then comes from the image that VQ Encode centre-cropped, and is cropped the same way."""
     if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3):
         raise VQCoreError(f"mask: expected a MASK tensor [batch, height, width]; got "
                           f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
     mask = (mask[None] if mask.ndim == 2 else mask).float()
-    h, w = grid
-    if tuple(mask.shape[1:]) == (h * factor, w * factor):
-        mask = F.max_pool2d(mask[:, None], factor)[:, 0]
-    elif tuple(mask.shape[1:]) != (h, w):
-        raise VQCoreError(f"mask: size {mask.shape[2]}x{mask.shape[1]} fits neither the image "
-                          f"({w * factor}x{h * factor}) nor the token grid ({w}x{h})")
+    (h, w), (height, width) = grid, mask.shape[1:]
+    if (height // factor, width // factor) == (h, w):
+        top, left = (height - h * factor) // 2, (width - w * factor) // 2
+        mask = F.max_pool2d(mask[:, None, top:top + h * factor, left:left + w * factor], factor)[:, 0]
+    elif (height, width) != (h, w):
+        raise VQCoreError(f"mask: size {width}x{height} fits neither the image ({w * factor}x{h * factor}) nor the "
+                          f"token grid ({w}x{h})")
     if mask.shape[0] not in (1, batch):
         raise VQCoreError(f"mask: batch of {mask.shape[0]} masks for {batch} images")
     return mask > 0.5

@@ -77,6 +77,20 @@ def test_mask_of_the_wrong_size(nodes, error):
     error("mask", sample, model, positive, 0, 4, 5.0, "fast", 1, 1.0, mask=torch.ones(1, 128, 128))
 
 
+def test_mask_of_an_image_that_vq_encode_cropped(nodes):
+    """The image and its mask come from one Load Image; VQ Encode centre-crops 135x130 to 128x128 for factor 8."""
+    model, clip, vq_vae = nodes["VQCoreLoadVQDiffusion"].load("vq-diffusion-demo")
+    (positive,) = nodes["VQCoreCLIPTextEncode"].encode(clip, "x")
+    image = torch.rand(1, 130, 135, 3, generator=torch.Generator().manual_seed(0))
+    tokens = nodes["VQCoreEncode"].encode(vq_vae, image)["result"][1]
+    mask = torch.zeros(1, 130, 135)
+    mask[:, 1 + 8:1 + 16, 3 + 40:3 + 41] = 1  # one pixel column of token row 1, column 5 after the crop
+    result = nodes["VQCoreVQDiffusionSampler"].sample(model, positive, 0, 4, 5.0, "fast", 1, 1.0, tokens=tokens,
+                                                      mask=mask)["result"][0]["indices"]
+    changed = result != tokens["indices"]
+    assert changed[0, 1, 5] and changed.sum() == 1
+
+
 def test_image_too_small_and_other_shapes(nodes, error):
     (f8,) = nodes["VQCoreLoadVQModel"].load("demo-vq-f8.safetensors")
     assert "4x4" in error("image", nodes["VQCoreEncode"].encode, f8, torch.rand(1, 4, 4, 3))
