@@ -171,3 +171,8 @@ def test_config_error_from_shapes_names_the_file(tmp_path, vq_file):
     save_file(state, tmp_path / "narrow.safetensors")
     with pytest.raises(CheckpointError, match=r"narrow\.safetensors: block_out_channels \[24, 32, 64\]"):
         load_vqmodel(tmp_path / "narrow.safetensors", device="cpu")
+
+
+def test_unknown_dtype_name(vq_file):
+    with pytest.raises(VQCoreError, match=r"dtype must be one of auto, fp32, fp16, bf16; got 'fp8'"):
+        load_vqmodel(vq_file, device="cpu", dtype="fp8")

@@ -2,6 +2,8 @@
 
 import torch
 
+from .errors import VQCoreError
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -30,5 +32,5 @@ def resolve_dtype(dtype, device=None) -> torch.dtype:
     if dtype in (None, "auto"):
         return torch.bfloat16 if supports_bf16(device or default_device()) else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+        raise VQCoreError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
     return DTYPES[dtype]
