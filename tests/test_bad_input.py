@@ -176,3 +176,11 @@ def test_config_error_from_shapes_names_the_file(tmp_path, vq_file):
 def test_unknown_dtype_name(vq_file):
     with pytest.raises(VQCoreError, match=r"dtype must be one of auto, fp32, fp16, bf16; got 'fp8'"):
         load_vqmodel(vq_file, device="cpu", dtype="fp8")
+
+
+def test_folder_given_as_a_weight_file(tmp_path):
+    from vqcore.checkpoint import read_state_dict
+
+    (tmp_path / "vae.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match=r"vae\.safetensors: is a folder, not a weight file"):
+        read_state_dict(tmp_path / "vae.safetensors")

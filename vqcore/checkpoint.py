@@ -33,6 +33,8 @@ def is_safetensors(path: Path) -> bool:
 def read_raw(path, device="cpu"):
     """Returns the object stored in a weight file (usually a dict of tensors, possibly nested)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a weight file")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.stat().st_size == 0:
