@@ -184,3 +184,9 @@ def test_folder_given_as_a_weight_file(tmp_path):
     (tmp_path / "vae.safetensors").mkdir()
     with pytest.raises(CheckpointError, match=r"vae\.safetensors: is a folder, not a weight file"):
         read_state_dict(tmp_path / "vae.safetensors")
+
+
+def test_file_holding_one_bare_tensor(tmp_path):
+    torch.save(torch.zeros(3, 4), tmp_path / "bare.pt")
+    with pytest.raises(CheckpointError, match=r"bare\.pt: holds a single tensor \(3, 4\), not named weights"):
+        load_autoencoder(tmp_path / "bare.pt", device="cpu")

@@ -66,6 +66,8 @@ def unwrap_state_dict(obj, path):
         if inner is None:
             break
         obj = inner
+    if isinstance(obj, torch.Tensor):
+        raise CheckpointError(f"{path}: holds a single tensor {tuple(obj.shape)}, not named weights; not a model weight file")
     if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: holds no tensors (found {type(obj).__name__}); not a model weight file")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
