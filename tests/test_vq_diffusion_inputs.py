@@ -97,3 +97,14 @@ def test_config_missing_a_required_field_names_the_file(demo_folder, tmp_path, c
     (broken / config_file).write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=f"{config_file}: .*{drop}"):
         load_vq_diffusion(broken, device="cpu")
+
+
+def test_variant_present_for_some_components_only(demo_folder, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    mixed = shutil.copytree(demo_folder, tmp_path / "mixed")
+    weights = mixed / "vqvae" / "diffusion_pytorch_model.safetensors"
+    fp16 = {k: (v + 1).half() for k, v in load_file(weights).items()}  # shifted, to see which file was read
+    save_file(fp16, weights.with_name("diffusion_pytorch_model.fp16.safetensors"))
+    model = load_vq_diffusion(mixed, device="cpu", variant="fp16")  # the other components have no fp16 files
+    assert torch.equal(model.vqvae.decoder.conv_out.weight, fp16["decoder.conv_out.weight"].float())

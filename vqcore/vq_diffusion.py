@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import read_config, read_folder_state_dict
+from .checkpoint import find_weights, read_config, read_folder_state_dict
 from .devices import default_device, resolve_dtype
 from .errors import CheckpointError, VQCoreError
 from .loading import load_vqmodel
 from .sampler import sample
 from .scheduler import VQDiffusionScheduler
-from .text_encoder import VQTextEncoder
+from .text_encoder import WEIGHT_STEMS, VQTextEncoder
 from .transformer import VQDiffusionTransformer
 from .vq_model import VQModel
 
@@ -62,7 +62,7 @@ def load_vq_diffusion(folder, device=None, dtype=None, variant=None) -> VQDiffus
     device = torch.device(device) if device is not None else default_device()
     dtype = resolve_dtype(dtype, device) if dtype is not None else torch.float32
     transformer = load_transformer(folder / "transformer", device, dtype, variant)
-    vqvae = load_vqmodel(folder / "vqvae", device=device, dtype=dtype, variant=variant)
+    vqvae = load_vqmodel(folder / "vqvae", device=device, dtype=dtype, variant=available_variant(folder / "vqvae", variant))
     if vqvae.num_embeddings != transformer.num_vector_embeds - 1:
         raise CheckpointError(f"{folder}: the VQ-VAE has {vqvae.num_embeddings} codes but the transformer predicts "
                               f"{transformer.num_vector_embeds - 1} classes")
@@ -70,7 +70,8 @@ def load_vq_diffusion(folder, device=None, dtype=None, variant=None) -> VQDiffus
     scheduler = from_config_file(VQDiffusionScheduler, read_json(scheduler_config), scheduler_config)
     if scheduler.num_embed != transformer.num_vector_embeds:
         raise CheckpointError(f"{folder}: scheduler has {scheduler.num_embed} classes, transformer {transformer.num_vector_embeds}")
-    text_encoder = VQTextEncoder.from_folders(folder / "tokenizer", folder / "text_encoder", device, dtype, variant)
+    text_variant = available_variant(folder / "text_encoder", variant, WEIGHT_STEMS)
+    text_encoder = VQTextEncoder.from_folders(folder / "tokenizer", folder / "text_encoder", device, dtype, text_variant)
     null = load_null_embeddings(folder / NULL_EMBEDDINGS, device, variant)
     return VQDiffusionModel(vqvae, transformer, scheduler, text_encoder, null, str(folder))
 
@@ -104,15 +105,16 @@ def from_config_file(cls, config, path):
         raise CheckpointError(f"{path}: {e}") from e
 
 
-def read_component(folder, variant):
-    """State dict of a component folder; falls back to the default weights when the variant is absent (the
-    ithq null-embedding folder has no fp16 file)."""
+def available_variant(folder, variant, stems=("diffusion_pytorch_model",)):
+    """The variant when the component folder has its files, else None (the default weights), as diffusers does:
+    the ithq null-embedding folder has no fp16 file, and other checkpoints ship a variant for some components only."""
+    if variant is None:
+        return None
     try:
-        return read_folder_state_dict(folder, variant=variant)
+        find_weights(folder, stems, variant)
     except CheckpointError:
-        if variant is None:
-            raise
-        return read_folder_state_dict(folder)
+        return None
+    return variant
 
 
 def load_transformer(folder, device, dtype, variant):
@@ -120,7 +122,7 @@ def load_transformer(folder, device, dtype, variant):
     if "num_vector_embeds" not in config:
         raise CheckpointError(f"{folder}/config.json: not a discrete (VQ-Diffusion) transformer: no num_vector_embeds")
     model = from_config_file(VQDiffusionTransformer, config, folder / "config.json")
-    state = read_component(folder, variant)
+    state = read_folder_state_dict(folder, variant=available_variant(folder, variant))
     missing, unexpected = sorted(model.state_dict().keys() - state.keys()), sorted(state.keys() - model.state_dict().keys())
     if missing or unexpected:
         raise CheckpointError(f"{folder}: weights do not fit config.json: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -137,7 +139,7 @@ def load_null_embeddings(folder, device, variant):
     config = read_json(folder / "config.json")
     if not config.get("learnable"):
         return None
-    state = read_component(folder, variant)
+    state = read_folder_state_dict(folder, variant=available_variant(folder, variant))
     if "embeddings" not in state or state["embeddings"].ndim != 2:
         raise CheckpointError(f"{folder}: no (length, hidden) 'embeddings' tensor; found {sorted(state)[:5]}")
     return state["embeddings"].float().to(device)
