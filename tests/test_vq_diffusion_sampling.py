@@ -50,6 +50,23 @@ def test_truncation_keeps_diffusers_classes(rate):
     assert torch.equal(truncate(log_p, rate), VQDiffusionPipeline.truncate(None, log_p, rate))
 
 
+@pytest.mark.parametrize("rate", [0.3, 0.86])
+def test_truncation_keeps_diffusers_classes_at_ties_in_long_rows(rate):
+    """With 4096 classes torch.sort orders equal values unstably; where the cut falls inside a run of equal values
+    the kept ones must still be diffusers'. Half the values are rounded so that such runs are common."""
+    from diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diffusion import VQDiffusionPipeline
+
+    torch.manual_seed(4)
+    log_p = torch.log_softmax(torch.randn(2, 4096, 64) * 0.5, dim=1)
+    log_p = torch.where(torch.rand_like(log_p) < 0.5, (log_p * 64).round() / 64, log_p)
+    class_last = log_p.transpose(1, 2).contiguous().transpose(1, 2)  # the transformer's layout
+    before = class_last.clone()
+    expected = VQDiffusionPipeline.truncate(None, log_p, rate)
+    assert torch.equal(truncate(class_last, rate), expected)
+    assert torch.equal(truncate(log_p, rate), expected)
+    assert torch.equal(class_last, before)  # the input is left as it was
+
+
 def test_truncation_rate_one_keeps_every_class():
     torch.manual_seed(3)
     log_p = torch.log_softmax(torch.randn(2, 4096, 64) * 2, dim=1)

@@ -155,15 +155,11 @@ def predict_x0(transformer, tokens, context, t, guidance_scale, truncation_rate)
 
 
 def combine_guidance(log_p, guidance_scale):
-    """[negative; prompt] log-probabilities (2B, K - 1, N) -> u + w (c - u), renormalised, (B, K - 1, N).
-
-    The result is laid out class-last in memory, the layout truncate sorts in, so it needs no transposing copy.
-    """
+    """[negative; prompt] log-probabilities (2B, K - 1, N) -> u + w (c - u), renormalised, (B, K - 1, N), in place
+    in the prompt half. Reductions over the classes run along contiguous memory for the transformer's class-last output."""
     uncond, text = log_p.chunk(2)
     guided = text.sub_(uncond).mul_(guidance_scale).add_(uncond)
-    batch, classes, pixels = guided.shape
-    class_last = torch.empty(batch, pixels, classes, dtype=guided.dtype, device=guided.device).transpose(1, 2)
-    return torch.sub(guided, torch.logsumexp(guided, dim=1, keepdim=True), out=class_last)
+    return guided.sub_(torch.logsumexp(guided, dim=1, keepdim=True))
 
 
 def purity_step(scheduler, log_p_x0, tokens, t, prev_t, prior_rule, prior_weight, generator):

@@ -95,7 +95,9 @@ class VQDiffusionScheduler:
         own_cum, other_cum = transition_values(*cum)
         out = torch.empty(batch, classes + 1, pixels, device=device)
         q = out[:, :-1]
-        torch.sub(log_p_x0, other_cum, out=q)
+        for item, source in zip(q, log_p_x0):  # 2-D copies: torch transposes a class-last log_p_x0 in cache-sized blocks
+            item.copy_(source)
+        q.sub_(other_cum)
         q.scatter_(1, own_class, torch.where(is_mask, q.gather(1, own_class), log_p_x0.gather(1, own_class) - own_cum))
         log_sum = torch.logsumexp(q, dim=1, keepdim=True)
         q.sub_(log_sum)
