@@ -147,7 +147,8 @@ class TransformerBlock(nn.Module):
         so norm1, self-attention, norm2 and the cross-attention query run on B rows; timestep is that of those B rows."""
         x = self.attn1(self.norm1(x, timestep)).add_(x)
         query = self.attn2.to_q(self.norm2(x, timestep)).repeat(2, 1, 1)
-        x = self.attn2.attend(query, context).add_(x.repeat(2, 1, 1))
+        attended = self.attn2.attend(query, context)
+        x = attended.view(2, *x.shape).add_(x).view(attended.shape)  # the residual added to both halves
         return self.ff(self.norm3(x)).add_(x)
 
 
