@@ -2,11 +2,14 @@
 
     python bench/bench_autoencoders.py [--repeats 3] [--size 512] [--threads N]
 
-Prints the median wall time of each side and the ratio vqcore / diffusers (below 1 means vqcore is faster), and the
-largest difference between the two outputs. Both sides run under torch.inference_mode(), alternately.
+vqcore runs twice: on its exact path (the default: diffusers' bits) and on its fast path (vqcore.use_fast_path:
+channels-last maps, phase-convolution upsampling; what the ComfyUI nodes and the command line use). Prints the median
+wall time of each, the ratio vqcore / diffusers (below 1 means vqcore is faster) and the largest difference from
+diffusers' output. All run under torch.inference_mode(), in turn, so that changing machine load hits them alike.
 """
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -18,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import diffusers  # noqa: E402  (the reference; test/bench-only dependency)
 
+from vqcore.autoencoder import use_fast_path  # noqa: E402
 from vqcore.autoencoder_kl import AutoencoderKL  # noqa: E402
 from vqcore.vq_model import VQModel  # noqa: E402
 
@@ -28,16 +32,17 @@ ITHQ_VQ = dict(block_out_channels=[64, 128, 256, 512], down_block_types=[D, D, D
                layers_per_block=2, latent_channels=256, vq_embed_dim=128, num_vq_embeddings=4096, sample_size=32)
 
 
-def twin_models(reference_cls, our_cls, config, seed):
+def model_sides(reference_cls, our_cls, config, seed):
+    """diffusers' model and vqcore's on its exact and on its fast path, with the same weights."""
     torch.manual_seed(seed)
     reference = reference_cls(**config).eval()
     with torch.no_grad():  # a codebook on the scale of the latents, so that quantization is not degenerate
         for name, param in reference.named_parameters():
             if "embedding" in name:
                 param.normal_()
-    ours = our_cls.from_config(dict(reference.config))
-    ours.load_state_dict(reference.state_dict(), strict=True)
-    return reference, ours.eval()
+    exact = our_cls.from_config(dict(reference.config))
+    exact.load_state_dict(reference.state_dict(), strict=True)
+    return reference, exact.eval(), use_fast_path(copy.deepcopy(exact))
 
 
 def timed(run):
@@ -46,20 +51,25 @@ def timed(run):
     return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def compare(label, ours, reference, repeats):
-    """Runs two callables alternately (so changing machine load hits both alike); prints median wall times, their
-    ratio, the ratio of process CPU times (steadier on a shared machine) and the largest output difference."""
-    runs = {"ours": [], "reference": []}
+def compare(label, runs_by_side, repeats):
+    """runs_by_side: {"exact": f, "fast": f, "diffusers": f}. Runs them in turn `repeats` times; prints each vqcore
+    side's median wall time, its ratio to diffusers', the ratio of process CPU times (steadier on a shared machine)
+    and the largest output difference. Returns {side: ratio}."""
+    results = {side: [] for side in runs_by_side}
     for _ in range(repeats):
-        for side, run in (("ours", ours), ("reference", reference)):
-            runs[side].append(timed(run))
-    diff = (runs["ours"][0][0] - runs["reference"][0][0]).abs().max().item()
-    wall = {side: statistics.median(r[1] for r in results) for side, results in runs.items()}
-    cpu = {side: statistics.median(r[2] for r in results) for side, results in runs.items()}
-    ratio = wall["ours"] / wall["reference"]
-    print(f"{label:<20} vqcore {wall['ours']:6.2f} s  diffusers {wall['reference']:6.2f} s  ratio {ratio:4.2f}  "
-          f"(CPU-time ratio {cpu['ours'] / cpu['reference']:4.2f})  max|diff| {diff:.1e}", flush=True)
-    return ratio
+        for side, run in runs_by_side.items():
+            results[side].append(timed(run))
+    wall = {side: statistics.median(r[1] for r in runs) for side, runs in results.items()}
+    cpu = {side: statistics.median(r[2] for r in runs) for side, runs in results.items()}
+    reference = results["diffusers"][0][0]
+    ratios = {}
+    for side in ("exact", "fast"):
+        diff = (results[side][0][0] - reference).abs().max().item()
+        ratios[side] = wall[side] / wall["diffusers"]
+        print(f"{label:<20} {side:5s} vqcore {wall[side]:6.2f} s  diffusers {wall['diffusers']:6.2f} s  "
+              f"ratio {ratios[side]:4.2f}  (CPU-time ratio {cpu[side] / cpu['diffusers']:4.2f})  max|diff| {diff:.1e}",
+              flush=True)
+    return ratios
 
 
 def main():
@@ -74,21 +84,26 @@ def main():
     image = torch.rand(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)) * 2 - 1
     ratios = {}
     with torch.inference_mode():
-        reference, ours = twin_models(diffusers.AutoencoderKL, AutoencoderKL, SD_KL, seed=0)
+        reference, exact, fast = model_sides(diffusers.AutoencoderKL, AutoencoderKL, SD_KL, seed=0)
         latents = reference.encode(image).latent_dist.mode()
-        ratios["SD KL encode"] = compare("SD KL VAE encode", lambda: ours.encode(image).mean,
-                                         lambda: reference.encode(image).latent_dist.mean, args.repeats)
-        ratios["SD KL decode"] = compare("SD KL VAE decode", lambda: ours.decode(latents),
-                                         lambda: reference.decode(latents).sample, args.repeats)
-        del reference, ours
+        ratios["SD KL encode"] = compare("SD KL VAE encode", {
+            "exact": lambda: exact.encode(image).mean, "fast": lambda: fast.encode(image).mean,
+            "diffusers": lambda: reference.encode(image).latent_dist.mean}, args.repeats)
+        ratios["SD KL decode"] = compare("SD KL VAE decode", {
+            "exact": lambda: exact.decode(latents), "fast": lambda: fast.decode(latents),
+            "diffusers": lambda: reference.decode(latents).sample}, args.repeats)
+        del reference, exact, fast
 
-        reference, ours = twin_models(diffusers.VQModel, VQModel, ITHQ_VQ, seed=1)
+        reference, exact, fast = model_sides(diffusers.VQModel, VQModel, ITHQ_VQ, seed=1)
         latents = reference.encode(image).latents
-        ratios["ithq VQ encode"] = compare("ithq VQ-VAE encode", lambda: ours.encode(image),
-                                           lambda: reference.encode(image).latents, args.repeats)
-        ratios["ithq VQ decode"] = compare("ithq VQ-VAE decode", lambda: ours.decode(latents),
-                                           lambda: reference.decode(latents).sample, args.repeats)
-    print("ratios vqcore/diffusers: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+        ratios["ithq VQ encode"] = compare("ithq VQ-VAE encode", {
+            "exact": lambda: exact.encode(image), "fast": lambda: fast.encode(image),
+            "diffusers": lambda: reference.encode(image).latents}, args.repeats)
+        ratios["ithq VQ decode"] = compare("ithq VQ-VAE decode", {
+            "exact": lambda: exact.decode(latents), "fast": lambda: fast.decode(latents),
+            "diffusers": lambda: reference.decode(latents).sample}, args.repeats)
+    for side in ("exact", "fast"):
+        print(f"ratios vqcore ({side} path) / diffusers: " + ", ".join(f"{k} {v[side]:.2f}" for k, v in ratios.items()))
 
 
 if __name__ == "__main__":

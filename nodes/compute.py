@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import torch
 
 from ..vqcore import tiling
+from ..vqcore.autoencoder import use_fast_path
 from ..vqcore.autoencoder_kl import DiagonalGaussian
 from ..vqcore.errors import VQCoreError
 from . import host
@@ -36,7 +37,8 @@ class AutoencoderHandle:
     stand-in wraps)."""
 
     def __init__(self, model, name):
-        self.patcher = host.wrap_model(model, "vae")
+        # Node users get the fast path: it differs from diffusers' bits far below what 8-bit images can show.
+        self.patcher = host.wrap_model(use_fast_path(model), "vae")
         self.name = name
         self.codebook_id = codebook_id(model) if hasattr(model, "quantize") else None
 

@@ -10,10 +10,14 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
+from vqcore.autoencoder import use_fast_path  # noqa: E402
 from vqcore.autoencoder_kl import AutoencoderKL  # noqa: E402
 from vqcore.loading import load_autoencoder_kl, load_vqmodel  # noqa: E402
 
-ATOL = 1e-5  # max |difference| allowed for every float output (bit-identical is expected); indices must be equal
+ATOL = 1e-5  # max |difference| allowed for every float output of the fast path; indices must be equal
+# The exact path (the default) must be bit-identical. The fast path (channels-last maps, phase-convolution upsampling)
+# moves results by float32 rounding.
+PATHS = ("exact", "fast")
 
 D, AD, U, AU = "DownEncoderBlock2D", "AttnDownEncoderBlock2D", "UpDecoderBlock2D", "AttnUpDecoderBlock2D"
 
@@ -82,27 +86,29 @@ def save_reference(cls, config, folder, seed):
     return reference
 
 
-def assert_close(ours, reference, what):
+def assert_close(ours, reference, what, path):
     assert ours.shape == reference.shape, what
     diff = (ours - reference).abs().max().item()
-    assert diff <= ATOL, f"{what}: max |diff| {diff:.3g} > {ATOL}"
+    bound = 0.0 if path == "exact" else ATOL
+    assert diff <= bound, f"{what} ({path} path): max |diff| {diff:.3g} > {bound}"
 
 
 def image(shape, seed):
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", VQ_CONFIGS)
 @torch.inference_mode()
-def test_vqmodel_matches_diffusers(name, tmp_path):
+def test_vqmodel_matches_diffusers(name, path, tmp_path):
     case = VQ_CONFIGS[name]
     reference = save_reference(diffusers.VQModel, case["config"], tmp_path, seed=1)
-    ours = load_vqmodel(tmp_path, device="cpu", dtype="fp32")
+    ours = use_fast_path(load_vqmodel(tmp_path, device="cpu", dtype="fp32"), path == "fast")
     x = image(case["image"], seed=2)
 
     latents = ours.encode(x)
     ref_latents = reference.encode(x).latents
-    assert_close(latents, ref_latents, "encode")
+    assert_close(latents, ref_latents, "encode", path)
 
     z_q, loss, indices = ours.quantize(latents)
     ref_z_q, ref_loss, (_, _, ref_indices) = reference.quantize(ref_latents)
@@ -110,45 +116,46 @@ def test_vqmodel_matches_diffusers(name, tmp_path):
     assert indices.shape == (b, h, w)
     assert torch.equal(indices.flatten(), ref_indices)
     assert len(indices.unique()) > 1, "degenerate test model: every pixel picked the same code"
-    assert_close(z_q, ref_z_q, "quantize z_q")
-    assert_close(loss, ref_loss, "commit loss")
+    assert_close(z_q, ref_z_q, "quantize z_q", path)
+    assert_close(loss, ref_loss, "commit loss", path)
 
-    assert_close(ours.decode(latents), reference.decode(ref_latents).sample, "decode (quantizing)")
+    assert_close(ours.decode(latents), reference.decode(ref_latents).sample, "decode (quantizing)", path)
     embeddings = ours.indices_to_embeddings(indices)
     ref_embeddings = reference.quantize.get_codebook_entry(ref_indices, (b, h, w, e))
-    assert_close(embeddings, ref_embeddings, "indices_to_embeddings")
+    assert_close(embeddings, ref_embeddings, "indices_to_embeddings", path)
     if case["config"].get("lookup_from_codebook"):
         ref_image = reference.decode(ref_indices, force_not_quantize=True, shape=(b, h, w, e)).sample
-        assert_close(ours.decode(indices, force_not_quantize=True), ref_image, "decode (lookup_from_codebook)")
+        assert_close(ours.decode(indices, force_not_quantize=True), ref_image, "decode (lookup_from_codebook)", path)
     else:
         ref_image = reference.decode(ref_embeddings, force_not_quantize=True).sample
-        assert_close(ours.decode(embeddings, force_not_quantize=True), ref_image, "decode (force_not_quantize)")
+        assert_close(ours.decode(embeddings, force_not_quantize=True), ref_image, "decode (force_not_quantize)", path)
         assert_close(ours.decode(latents, force_not_quantize=True),
-                     reference.decode(ref_latents, force_not_quantize=True).sample, "decode (unquantized latents)")
-    assert_close(ours.decode_indices(indices), ref_image, "decode_indices")
+                     reference.decode(ref_latents, force_not_quantize=True).sample, "decode (unquantized latents)", path)
+    assert_close(ours.decode_indices(indices), ref_image, "decode_indices", path)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", KL_CONFIGS)
 @torch.inference_mode()
-def test_autoencoder_kl_matches_diffusers(name, tmp_path):
+def test_autoencoder_kl_matches_diffusers(name, path, tmp_path):
     case = KL_CONFIGS[name]
     reference = save_reference(diffusers.AutoencoderKL, case["config"], tmp_path, seed=3)
-    ours = load_autoencoder_kl(tmp_path, device="cpu", dtype="fp32")
+    ours = use_fast_path(load_autoencoder_kl(tmp_path, device="cpu", dtype="fp32"), path == "fast")
     x = image(case["image"], seed=4)
 
     posterior = ours.encode(x)
     ref_posterior = reference.encode(x).latent_dist
     for field in ("mean", "logvar", "std", "var"):
-        assert_close(getattr(posterior, field), getattr(ref_posterior, field), f"posterior {field}")
-    assert_close(posterior.kl(), ref_posterior.kl(), "kl")
-    assert_close(posterior.mode(), ref_posterior.mode(), "mode")
+        assert_close(getattr(posterior, field), getattr(ref_posterior, field), f"posterior {field}", path)
+    assert_close(posterior.kl(), ref_posterior.kl(), "kl", path)
+    assert_close(posterior.mode(), ref_posterior.mode(), "mode", path)
     sample = posterior.sample(torch.Generator().manual_seed(5))
-    assert_close(sample, ref_posterior.sample(torch.Generator().manual_seed(5)), "seeded sample")
+    assert_close(sample, ref_posterior.sample(torch.Generator().manual_seed(5)), "seeded sample", path)
     generators = [torch.Generator().manual_seed(6 + i) for i in range(x.shape[0])]
     ref_generators = [torch.Generator().manual_seed(6 + i) for i in range(x.shape[0])]
-    assert_close(posterior.sample(generators), ref_posterior.sample(ref_generators), "per-item seeded sample")
+    assert_close(posterior.sample(generators), ref_posterior.sample(ref_generators), "per-item seeded sample", path)
 
-    assert_close(ours.decode(sample), reference.decode(sample).sample, "decode")
+    assert_close(ours.decode(sample), reference.decode(sample).sample, "decode", path)
 
 
 def test_fp16_sample_is_drawn_in_half_precision():
@@ -223,7 +230,8 @@ def test_sharded_folder_loads(safe_serialization, tmp_path):
     reference.save_pretrained(tmp_path, max_shard_size="40KB", safe_serialization=safe_serialization)
     assert len(list(tmp_path.glob("diffusion_pytorch_model-*"))) > 2
     x = image((1, 3, 8, 8), seed=9)
-    assert_close(load_autoencoder_kl(tmp_path, device="cpu").encode(x).mean, reference.encode(x).latent_dist.mean, "encode")
+    assert_close(load_autoencoder_kl(tmp_path, device="cpu").encode(x).mean, reference.encode(x).latent_dist.mean, "encode",
+                 "exact")
 
 
 @torch.inference_mode()

@@ -2,10 +2,11 @@
 
     import vqcore
     vae = vqcore.load_autoencoder_kl("sdxl_vae.safetensors", family="sdxl")     # any layout, config from shapes
-    vq = vqcore.load_vqmodel("vqgan_f16.ckpt")
+    vq = vqcore.use_fast_path(vqcore.load_vqmodel("vqgan_f16.ckpt"))  # faster; default: diffusers' exact bits
     pipe = vqcore.load_vq_diffusion("vq-diffusion-ithq")                        # diffusers folder layout
 """
 
+from .autoencoder import use_fast_path
 from .autoencoder_kl import AutoencoderKL, DiagonalGaussian
 from .checkpoint import read_state_dict
 from .devices import default_device, resolve_dtype
@@ -22,6 +23,7 @@ from .vq_diffusion import VQDiffusionModel, load_vq_diffusion
 from .vq_model import VectorQuantizer, VQModel
 
 __all__ = [
+    "use_fast_path",
     "AutoencoderKL",
     "DiagonalGaussian",
     "read_state_dict",

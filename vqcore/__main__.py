@@ -54,16 +54,19 @@ def add_roundtrip_command(subparsers):
     parser.add_argument("--dtype", default=None, choices=["auto", "fp32", "fp16", "bf16"], help="default fp32")
     parser.add_argument("--variant", default=None, help="weight variant of a diffusers folder, e.g. fp16")
     parser.add_argument("--size", type=int, default=256, help="side of the generated test pattern (default 256)")
+    parser.add_argument("--exact", action="store_true", help="diffusers' exact computation instead of the fast path")
     parser.set_defaults(run=run_roundtrip)
 
 
 def run_roundtrip(args):
+    from .autoencoder import use_fast_path
     from .loading import load_autoencoder
 
     if len(args.images) > 2:
         raise VQCoreError(f"roundtrip takes at most an input image and an output PNG; got {len(args.images)} paths")
     source, output = args.images if len(args.images) == 2 else (None, args.images[0])
     model = load_autoencoder(args.model, device=args.device, dtype=args.dtype, family=args.family, variant=args.variant)
+    use_fast_path(model, not args.exact)
     image = read_image(source) if source else test_pattern(args.size)
     image = crop_to_multiple(image, model.downscale_factor)
     x = torch.from_numpy(image).to(model.device, model.dtype).permute(2, 0, 1)[None] / 127.5 - 1
@@ -129,6 +132,7 @@ def add_generate_command(subparsers):
 
 
 def run_generate(args):
+    from .autoencoder import use_fast_path
     from .demo import write_demo_vq_diffusion
     from .vq_diffusion import load_vq_diffusion
 
@@ -139,6 +143,7 @@ def run_generate(args):
             print(f"writing the demo VQ-Diffusion model to {folder}")
             write_demo_vq_diffusion(folder)
     model = load_vq_diffusion(folder, device=args.device, dtype=args.dtype, variant=args.variant)
+    use_fast_path(model.vqvae)
     started = time.perf_counter()
 
     def progress(step, total, tokens, x0_estimate):

@@ -1,11 +1,16 @@
 """The LDM-style convolutional autoencoder shared by VQModel and AutoencoderKL.
 
 Module and parameter names equal diffusers' (encoder.down_blocks.0.resnets.0.norm1.weight, ...attentions.0.to_q.weight,
-...spatial_norm.conv_y.weight), so a diffusers state dict loads with strict=True. The computation is diffusers' up to
-float32 rounding (parity tests hold it within 1e-5), done faster:
-* feature maps are channels-last in memory, where convolutions run up to 1.3x faster than on contiguous maps;
-* upsampling and its convolution run as one convolution at the input resolution (see Upsample);
-* activations, residual sums and SpatialNorm's scale and shift work in place on fresh tensors.
+...spatial_norm.conv_y.weight), so a diffusers state dict loads with strict=True.
+
+Two ways to compute, chosen per model with `use_fast_path`:
+* exact (the default): the order of floating-point operations and the memory layout of intermediate tensors follow
+  diffusers, so results are diffusers' bit for bit (on CPU a convolution gives slightly different results for a
+  channels-last input than for a contiguous one, and the attention output is channels-last-strided);
+* fast: feature maps are channels-last in memory, where CPU convolutions run up to 1.3x faster, and upsampling with
+  its convolution runs as one convolution at the input resolution (Upsample). Results move by float32 rounding, about
+  as much as diffusers' own results move between one and two CPU threads (1e-5 relative at SD size).
+Where it changes neither values nor layouts, work is done in place (activations, SpatialNorm's scale and shift).
 """
 
 import inspect
@@ -75,7 +80,8 @@ class ResnetBlock(nn.Module):
     def forward(self, x, zq=None):
         h = self.conv1(self.act(self.norm1(x, zq)))
         h = self.conv2(self.act(self.norm2(h, zq)))
-        return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return shortcut + h  # not h.add_(...): the sum must take the shortcut's memory layout, as in diffusers
 
 
 class Attention(nn.Module):
@@ -94,13 +100,16 @@ class Attention(nn.Module):
 
     def forward(self, x, zq=None):
         b, c, h, w = x.shape
-        hidden = self.spatial_norm(x, zq) if hasattr(self, "spatial_norm") else self.group_norm(x)
-        tokens = hidden.flatten(2).transpose(1, 2)  # (B, HW, C): a view for a channels-last map
+        hidden = self.spatial_norm(x, zq) if hasattr(self, "spatial_norm") else x
+        tokens = hidden.view(b, c, h * w)
+        if hasattr(self, "group_norm"):
+            tokens = self.group_norm(tokens)
+        tokens = tokens.transpose(1, 2)  # (B, HW, C)
         q, k, v = (proj(tokens).view(b, h * w, 1, c).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h * w, c)
-        # (B, HW, C) -> (B, C, H, W) as a view, added to x into a new map that takes x's (channels-last) layout; the
-        # view itself can carry odd strides on size-1 dimensions, which would make later norms pick the other layout.
-        return x + self.to_out[0](out).transpose(1, 2).view(b, c, h, w)
+        # (B, HW, C) -> (B, C, H, W) as a view, and a fresh sum: the result is channels-last-strided exactly like
+        # diffusers' (strides included, which decide the layout of later GroupNorm outputs).
+        return self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w) + x
 
 
 class Downsample(nn.Module):
@@ -117,16 +126,17 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 followed by a 3x3 convolution, computed at the input resolution.
+    """Nearest-neighbour x2 followed by a 3x3 convolution.
 
-    Through the upsampling, an output pixel's 3x3 window covers only a 2x2 block of input pixels, and which taps fall
-    on which input pixel depends only on the output pixel's row and column parity (its phase). Summing the taps per
-    phase turns the 3x3 kernel into four 2x2 kernels; one 2x2 convolution with 4x the output channels over the input
-    padded by one pixel computes all four phases, which are then interleaved. That is 16/36 of the multiply-adds of the
-    3x3 convolution at the doubled resolution, and the upsampled map is never made.
+    Fast path: through the upsampling, an output pixel's 3x3 window covers only a 2x2 block of input pixels, and which
+    taps fall on which input pixel depends only on the output pixel's row and column parity (its phase). Summing the
+    taps per phase turns the 3x3 kernel into four 2x2 kernels; one 2x2 convolution with 4x the output channels over
+    the input padded by one pixel computes all four phases, which are then interleaved. That is 16/36 of the
+    multiply-adds of the 3x3 convolution at the doubled resolution, and the upsampled map is never made.
     """
 
     list_name = "upsamplers"
+    fast = False
     # PHASE_TAPS[p] (2 x 3): which of the 3 kernel rows (or columns) fall on each of the 2 input rows for parity p.
     # Even output rows 2i see input rows i-1, i, i; odd ones i, i, i+1.
     PHASE_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
@@ -136,6 +146,13 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
+        if self.fast:
+            return self.phase_convolution(x)
+        if x.shape[0] >= 64 or x.numel() * 2 > 2**31:
+            x = x.contiguous()  # the channels-last nearest kernel fails on very large tensors
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+    def phase_convolution(self, x):
         weight, bias = self.conv.weight, self.conv.bias
         taps = torch.tensor(self.PHASE_TAPS, dtype=weight.dtype, device=weight.device)
         # (row phase a, column phase b, out, in, 2, 2) kernels, stacked phase-major into 4x the output channels.
@@ -203,6 +220,8 @@ def block_attention(block_types, known, field):
 
 
 class Encoder(nn.Module):
+    fast = False  # channels-last feature maps (see use_fast_path)
+
     def __init__(self, in_channels, out_channels, down_block_types, block_out_channels, layers_per_block,
                  norm_num_groups, act_fn, mid_block_add_attention):
         super().__init__()
@@ -220,16 +239,18 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(channels, out_channels, 3, padding=1)
 
     def forward(self, x):
-        x = self.conv_in(x.contiguous(memory_format=torch.channels_last))
+        x = self.conv_in(x.contiguous(memory_format=torch.channels_last) if self.fast else x)
         for level in self.down_blocks:
             x = level(x)
         x = self.mid_block(x)
         x = self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))  # SiLU here whatever act_fn says
-        return x.contiguous()
+        return x.contiguous() if self.fast else x
 
 
 class Decoder(nn.Module):
     """With zq_channels set (MoVQ), every norm is a SpatialNorm conditioned on zq, the codebook output."""
+
+    fast = False  # channels-last feature maps (see use_fast_path)
 
     def __init__(self, in_channels, out_channels, up_block_types, block_out_channels, layers_per_block,
                  norm_num_groups, act_fn, mid_block_add_attention, zq_channels=None):
@@ -250,12 +271,24 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(channels, out_channels, 3, padding=1)
 
     def forward(self, z, zq=None):
-        x = self.conv_in(z.contiguous(memory_format=torch.channels_last))
-        zq = None if zq is None else zq.contiguous(memory_format=torch.channels_last)
+        if self.fast:
+            z = z.contiguous(memory_format=torch.channels_last)
+            zq = None if zq is None else zq.contiguous(memory_format=torch.channels_last)
+        x = self.conv_in(z)
         x = self.mid_block(x, zq)
         for level in self.up_blocks:
             x = level(x, zq)
-        return self.conv_out(F.silu(self.conv_norm_out(x, zq), inplace=True)).contiguous()
+        x = self.conv_out(F.silu(self.conv_norm_out(x, zq), inplace=True))
+        return x.contiguous() if self.fast else x
+
+
+def use_fast_path(model, enabled=True):
+    """Switches a VQModel's or AutoencoderKL's encoder and decoder to the fast path (channels-last feature maps,
+    phase-convolution upsampling) or back to diffusers' exact computation; returns the model."""
+    for module in model.modules():
+        if isinstance(module, (Encoder, Decoder, Upsample)):
+            module.fast = enabled
+    return model
 
 
 def check_architecture(block_out_channels, down_block_types, up_block_types, norm_num_groups, act_fn, spatial):
