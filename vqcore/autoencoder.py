@@ -68,6 +68,8 @@ def make_norm(channels, groups, zq_channels):
 class ResnetBlock(nn.Module):
     """norm -> act -> conv3x3 -> norm -> act -> conv3x3, plus the input (through a 1x1 conv when channels change)."""
 
+    fast = False  # see use_fast_path
+
     def __init__(self, in_channels, out_channels, groups, act_fn, zq_channels=None):
         super().__init__()
         self.act = ACTIVATIONS[act_fn]
@@ -81,6 +83,8 @@ class ResnetBlock(nn.Module):
         h = self.conv1(self.act(self.norm1(x, zq)))
         h = self.conv2(self.act(self.norm2(h, zq)))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        if self.fast:  # every map is channels-last: the sum can go into h
+            return h.add_(shortcut)
         return shortcut + h  # not h.add_(...): the sum must take the shortcut's memory layout, as in diffusers
 
 
@@ -136,7 +140,7 @@ class Upsample(nn.Module):
     """
 
     list_name = "upsamplers"
-    fast = False
+    fast = False  # see use_fast_path
     # PHASE_TAPS[p] (2 x 3): which of the 3 kernel rows (or columns) fall on each of the 2 input rows for parity p.
     # Even output rows 2i see input rows i-1, i, i; odd ones i, i, i+1.
     PHASE_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
@@ -220,7 +224,7 @@ def block_attention(block_types, known, field):
 
 
 class Encoder(nn.Module):
-    fast = False  # channels-last feature maps (see use_fast_path)
+    fast = False  # channels-last feature maps; see use_fast_path
 
     def __init__(self, in_channels, out_channels, down_block_types, block_out_channels, layers_per_block,
                  norm_num_groups, act_fn, mid_block_add_attention):
@@ -250,7 +254,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """With zq_channels set (MoVQ), every norm is a SpatialNorm conditioned on zq, the codebook output."""
 
-    fast = False  # channels-last feature maps (see use_fast_path)
+    fast = False  # channels-last feature maps; see use_fast_path
 
     def __init__(self, in_channels, out_channels, up_block_types, block_out_channels, layers_per_block,
                  norm_num_groups, act_fn, mid_block_add_attention, zq_channels=None):
@@ -286,7 +290,7 @@ def use_fast_path(model, enabled=True):
     """Switches a VQModel's or AutoencoderKL's encoder and decoder to the fast path (channels-last feature maps,
     phase-convolution upsampling) or back to diffusers' exact computation; returns the model."""
     for module in model.modules():
-        if isinstance(module, (Encoder, Decoder, Upsample)):
+        if isinstance(module, (Encoder, Decoder, ResnetBlock, Upsample)):
             module.fast = enabled
     return model
 
