@@ -3,7 +3,7 @@
     python bench/bench_autoencoders.py [--repeats 3] [--size 512] [--threads N]
 
 vqcore runs twice: on its exact path (the default: diffusers' bits) and on its fast path (vqcore.use_fast_path:
-channels-last maps, phase-convolution upsampling; what the ComfyUI nodes and the command line use). Prints the median
+channels-last maps, upsampling as a transposed convolution; what the ComfyUI nodes and the command line use). Prints the median
 wall time of each, the ratio vqcore / diffusers (below 1 means vqcore is faster) and the largest difference from
 diffusers' output. All run under torch.inference_mode(), in turn, so that changing machine load hits them alike.
 """

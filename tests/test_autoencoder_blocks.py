@@ -9,8 +9,8 @@ from vqcore.autoencoder import Upsample
 
 @pytest.mark.parametrize("shape", [(1, 4, 5, 7), (3, 6, 8, 2), (2, 3, 1, 1)])
 def test_upsample_equals_nearest_upsampling_then_its_convolution(shape):
-    """Upsample's fast path computes the 3x3 convolution of the nearest-upsampled map as four 2x2 phase convolutions at the input
-    resolution; in float64 it must agree with the plain definition to rounding (odd, tiny and non-square sizes)."""
+    """Upsample's fast path computes the 3x3 convolution of the nearest-upsampled map as one transposed convolution of
+    the input; in float64 it must agree with the plain definition to rounding (odd, tiny and non-square sizes)."""
     torch.manual_seed(0)
     upsample = Upsample(shape[1]).double()
     upsample.fast = True

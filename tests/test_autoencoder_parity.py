@@ -15,8 +15,8 @@ from vqcore.autoencoder_kl import AutoencoderKL  # noqa: E402
 from vqcore.loading import load_autoencoder_kl, load_vqmodel  # noqa: E402
 
 ATOL = 1e-5  # max |difference| allowed for every float output of the fast path; indices must be equal
-# The exact path (the default) must be bit-identical. The fast path (channels-last maps, phase-convolution upsampling)
-# moves results by float32 rounding.
+# The exact path (the default) must be bit-identical. The fast path (channels-last maps, upsampling as a transposed
+# convolution) moves results by float32 rounding.
 PATHS = ("exact", "fast")
 
 D, AD, U, AU = "DownEncoderBlock2D", "AttnDownEncoderBlock2D", "UpDecoderBlock2D", "AttnUpDecoderBlock2D"

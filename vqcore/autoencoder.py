@@ -8,7 +8,7 @@ Two ways to compute, chosen per model with `use_fast_path`:
   diffusers, so results are diffusers' bit for bit (on CPU a convolution gives slightly different results for a
   channels-last input than for a contiguous one, and the attention output is channels-last-strided);
 * fast: feature maps are channels-last in memory, where CPU convolutions run up to 1.3x faster, and upsampling with
-  its convolution runs as one convolution at the input resolution (Upsample). Results move by float32 rounding, about
+  its convolution runs as one transposed convolution of the input (Upsample). Results move by float32 rounding, about
   as much as diffusers' own results move between one and two CPU threads (1e-5 relative at SD size).
 Where it changes neither values nor layouts, work is done in place (activations, SpatialNorm's scale and shift).
 """
@@ -132,18 +132,18 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     """Nearest-neighbour x2 followed by a 3x3 convolution.
 
-    Fast path: through the upsampling, an output pixel's 3x3 window covers only a 2x2 block of input pixels, and which
-    taps fall on which input pixel depends only on the output pixel's row and column parity (its phase). Summing the
-    taps per phase turns the 3x3 kernel into four 2x2 kernels; one 2x2 convolution with 4x the output channels over
-    the input padded by one pixel computes all four phases, which are then interleaved. That is 16/36 of the
-    multiply-adds of the 3x3 convolution at the doubled resolution, and the upsampled map is never made.
+    Fast path: one stride-2 transposed convolution of the input with a 4x4 kernel made from the 3x3 one. Through the
+    upsampling, even output rows 2i see input rows i-1 (kernel row 0) and i (rows 1 and 2), odd rows 2i+1 see rows i
+    (kernel rows 0 and 1) and i+1 (row 2); a stride-2, padding-1 transposed convolution reaches exactly these input
+    rows through its kernel rows 3, 1 (even) and 2, 0 (odd), so those get the summed taps (TRANSPOSED_TAPS), and the
+    same for columns. That is 16/36 of the multiply-adds of the 3x3 convolution at the doubled resolution, and the
+    upsampled map is never made.
     """
 
     list_name = "upsamplers"
     fast = False  # see use_fast_path
-    # PHASE_TAPS[p] (2 x 3): which of the 3 kernel rows (or columns) fall on each of the 2 input rows for parity p.
-    # Even output rows 2i see input rows i-1, i, i; odd ones i, i, i+1.
-    PHASE_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+    # TRANSPOSED_TAPS[k]: which rows (or columns) of the 3x3 kernel add up to row k of the 4x4 transposed kernel.
+    TRANSPOSED_TAPS = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
 
     def __init__(self, channels):
         super().__init__()
@@ -151,26 +151,13 @@ class Upsample(nn.Module):
 
     def forward(self, x):
         if self.fast:
-            return self.phase_convolution(x)
+            weight = self.conv.weight
+            taps = torch.tensor(self.TRANSPOSED_TAPS, dtype=weight.dtype, device=weight.device)
+            transposed = torch.einsum("ur,oirs,vs->iouv", taps, weight, taps)  # (in, out, 4, 4)
+            return F.conv_transpose2d(x, transposed, self.conv.bias, stride=2, padding=1)
         if x.shape[0] >= 64 or x.numel() * 2 > 2**31:
             x = x.contiguous()  # the channels-last nearest kernel fails on very large tensors
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-    def phase_convolution(self, x):
-        weight, bias = self.conv.weight, self.conv.bias
-        taps = torch.tensor(self.PHASE_TAPS, dtype=weight.dtype, device=weight.device)
-        # (row phase a, column phase b, out, in, 2, 2) kernels, stacked phase-major into 4x the output channels.
-        phase_weight = torch.einsum("aur,oirs,bvs->aboiuv", taps, weight, taps)
-        channels = weight.shape[0]
-        phases = F.conv2d(F.pad(x, (1, 1, 1, 1)), phase_weight.reshape(4 * channels, -1, 2, 2), bias.repeat(4))
-        # Output pixel (2i + a, 2j + b) is phase (a, b) at (i + a, j + b) of the (H + 1) x (W + 1) phase map.
-        n, _, h, w = x.shape
-        out = torch.empty(n, h, 2, w, 2, channels, dtype=phases.dtype, device=phases.device)
-        phases = phases.permute(0, 2, 3, 1).view(n, h + 1, w + 1, 4, channels)
-        for a in (0, 1):
-            for b in (0, 1):
-                out[:, :, a, :, b] = phases[:, a : a + h, b : b + w, 2 * a + b]
-        return out.view(n, 2 * h, 2 * w, channels).permute(0, 3, 1, 2)  # channels-last (B, C, 2H, 2W)
 
 
 class Level(nn.Module):
@@ -288,7 +275,7 @@ class Decoder(nn.Module):
 
 def use_fast_path(model, enabled=True):
     """Switches a VQModel's or AutoencoderKL's encoder and decoder to the fast path (channels-last feature maps,
-    phase-convolution upsampling) or back to diffusers' exact computation; returns the model."""
+    upsampling as a transposed convolution) or back to diffusers' exact computation; returns the model."""
     for module in model.modules():
         if isinstance(module, (Encoder, Decoder, ResnetBlock, Upsample)):
             module.fast = enabled
