@@ -91,6 +91,8 @@ class ResnetBlock(nn.Module):
 class Attention(nn.Module):
     """Single-head self-attention over all pixels, with a residual connection."""
 
+    fast = False  # see use_fast_path
+
     def __init__(self, channels, groups, zq_channels=None):
         super().__init__()
         if zq_channels:
@@ -104,11 +106,15 @@ class Attention(nn.Module):
 
     def forward(self, x, zq=None):
         b, c, h, w = x.shape
-        hidden = self.spatial_norm(x, zq) if hasattr(self, "spatial_norm") else x
-        tokens = hidden.view(b, c, h * w)
-        if hasattr(self, "group_norm"):
-            tokens = self.group_norm(tokens)
-        tokens = tokens.transpose(1, 2)  # (B, HW, C)
+        if self.fast:  # the norm on the channels-last map, whose (B, HW, C) tokens are then a contiguous view
+            hidden = self.spatial_norm(x, zq) if hasattr(self, "spatial_norm") else self.group_norm(x)
+            tokens = hidden.flatten(2).transpose(1, 2)
+        else:  # diffusers' order: GroupNorm on the (B, C, HW) view
+            hidden = self.spatial_norm(x, zq) if hasattr(self, "spatial_norm") else x
+            tokens = hidden.view(b, c, h * w)
+            if hasattr(self, "group_norm"):
+                tokens = self.group_norm(tokens)
+            tokens = tokens.transpose(1, 2)  # (B, HW, C)
         q, k, v = (proj(tokens).view(b, h * w, 1, c).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h * w, c)
         # (B, HW, C) -> (B, C, H, W) as a view, and a fresh sum: the result is channels-last-strided exactly like
@@ -277,7 +283,7 @@ def use_fast_path(model, enabled=True):
     """Switches a VQModel's or AutoencoderKL's encoder and decoder to the fast path (channels-last feature maps,
     upsampling as a transposed convolution) or back to diffusers' exact computation; returns the model."""
     for module in model.modules():
-        if isinstance(module, (Encoder, Decoder, ResnetBlock, Upsample)):
+        if isinstance(module, (Encoder, Decoder, ResnetBlock, Attention, Upsample)):
             module.fast = enabled
     return model
 
