@@ -34,7 +34,11 @@ def truncate(log_probs, rate, fill_value=-torch.inf):
     batch, classes, tokens = log_probs.shape
     rows = log_probs.detach().transpose(1, 2).reshape(-1, classes)  # one row of class values per token; a view if it can be
     values = sorted_descending(rows)
-    kept_count = 1 + torch.lt(values.exp().cumsum_(dim=1)[:, :-1], rate).sum(dim=1, keepdim=True)
+    # Class j + 1 is kept when the mass of classes 0..j is below the rate. That mass only grows along a row, so those
+    # classes are a prefix whose length a binary search finds (the rate as a float32 value, as diffusers compares).
+    mass = values.exp().cumsum_(dim=1)
+    below = torch.full((len(rows), 1), rate, dtype=mass.dtype, device=mass.device)
+    kept_count = 1 + torch.searchsorted(mass, below).clamp_(max=classes - 1)
     last_kept = values.gather(1, kept_count - 1)
     first_dropped = values.gather(1, kept_count.clamp(max=classes - 1))
     kept = torch.where(rows < last_kept, fill_value, rows)
