@@ -102,6 +102,12 @@ def main():
         ratios["ithq VQ decode"] = compare("ithq VQ-VAE decode", {
             "exact": lambda: exact.decode(latents), "fast": lambda: fast.decode(latents),
             "diffusers": lambda: reference.decode(latents).sample}, args.repeats)
+        # For scale: how far diffusers' own decode moves when it runs on one thread instead of args.threads.
+        torch.set_num_threads(1)
+        one_thread = reference.decode(latents).sample
+        torch.set_num_threads(args.threads)
+        moved = (one_thread - reference.decode(latents).sample).abs().max().item()
+        print(f"diffusers' own ithq VQ-VAE decode, 1 vs {args.threads} threads: max|diff| {moved:.1e}")
     for side in ("exact", "fast"):
         print(f"ratios vqcore ({side} path) / diffusers: " + ", ".join(f"{k} {v[side]:.2f}" for k, v in ratios.items()))
 
