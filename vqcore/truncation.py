@@ -32,7 +32,8 @@ def truncate(log_probs, rate, fill_value=-torch.inf):
     if rate == 1:
         return log_probs.clone()
     batch, classes, tokens = log_probs.shape
-    rows = log_probs.detach().transpose(1, 2).reshape(-1, classes)  # one row of class values per token; a view if it can be
+    # One row of class values per token: a view of a class-last input, else a copy.
+    rows = log_probs.detach().transpose(1, 2).reshape(-1, classes).contiguous()
     values = sorted_descending(rows)
     # Class j + 1 is kept when the mass of classes 0..j is below the rate. That mass only grows along a row, so those
     # classes are a prefix whose length a binary search finds (the rate as a float32 value, as diffusers compares).
