@@ -21,7 +21,7 @@ LOG_SOFTMAX_SLICE = 256
 # Rows per pass through the feed-forward's 4x wider hidden layer, the largest temporary of a block (at ithq shapes a
 # 4 x 1024-token batch makes it 92 MB per pass without this). Same results as one pass at ithq shapes on CPU.
 FEED_FORWARD_ROWS = 1024
-# Rows per block of the GELU2 activation's temporary (128 x 4 x 1408 floats, 2.9 MB).
+# Rows per block of the GELU2 activation's temporary (at ithq width 128 x 5632 floats, 2.9 MB: cache-sized).
 ACTIVATION_ROWS = 128
 
 

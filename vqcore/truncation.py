@@ -48,6 +48,7 @@ def truncate(log_probs, rate, fill_value=-torch.inf):
         kept[tied] = truncate_sorting_indices(rows[tied], rate, fill_value)
     return kept.view(batch, tokens, classes).transpose(1, 2)
 
+
 def sorted_descending(rows):
     """Each row's values, largest first. numpy sorts float32/float64 rows on CPU with SIMD and without indices."""
     if rows.device.type != "cpu" or rows.dtype not in (torch.float32, torch.float64):
