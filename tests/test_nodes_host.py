@@ -41,6 +41,20 @@ def test_model_is_loaded_by_the_memory_manager_before_compute(pack, fake):
     assert load[2] > 0, "a memory estimate must be passed to load_models_gpu"
 
 
+def test_nodes_decode_on_the_fast_path_within_float_rounding_of_the_exact_one(pack, fake):
+    """Node users get vqcore's fast path (channels-last maps, transposed-convolution upsampling); it stays within
+    float32 rounding of the exact (diffusers-identical) path."""
+    (vq_vae,) = node(pack, "VQCoreLoadVQModel").load(VQ_FILE)
+    model = vq_vae.model
+    upsamplers = [m for m in model.decoder.modules() if type(m).__name__ == "Upsample"]
+    assert model.decoder.fast and upsamplers and all(up.fast for up in upsamplers)
+    tokens = encode_tokens(pack, vq_vae)
+    (fast,) = node(pack, "VQCoreDecode").decode(vq_vae, tokens=tokens)
+    pack.vqcore.use_fast_path(model, False)
+    (exact,) = node(pack, "VQCoreDecode").decode(vq_vae, tokens=tokens)
+    assert 0 < (fast - exact).abs().max() <= 1e-5
+
+
 def test_batch_is_decoded_in_slices_sized_by_free_memory_and_progress_reaches_total(pack, fake):
     (vq_vae,) = node(pack, "VQCoreLoadVQModel").load(VQ_FILE)
     tokens = encode_tokens(pack, vq_vae, batch=3)
