@@ -7,9 +7,9 @@ Two ways to compute, chosen per model with `use_fast_path`:
 * exact (the default): the order of floating-point operations and the memory layout of intermediate tensors follow
   diffusers, so results are diffusers' bit for bit (on CPU a convolution gives slightly different results for a
   channels-last input than for a contiguous one, and the attention output is channels-last-strided);
-* fast: feature maps are channels-last in memory, where CPU convolutions run up to 1.3x faster, and upsampling with
-  its convolution runs as one transposed convolution of the input (Upsample). Results move by float32 rounding, about
-  as much as diffusers' own results move between one and two CPU threads (1e-5 relative at SD size).
+* fast: feature maps are channels-last in memory, where CPU convolutions run faster, and upsampling with
+  its convolution runs as one transposed convolution of the input (Upsample). Results move by float32 rounding, less
+  than diffusers' own results move between one and two CPU threads (bench/bench_autoencoders.py prints both).
 Where it changes neither values nor layouts, work is done in place (activations, SpatialNorm's scale and shift).
 """
 

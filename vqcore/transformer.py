@@ -258,8 +258,8 @@ class VQDiffusionTransformer(nn.Module):
 
         diffusers projects all tokens to logits, permutes them to (B, K-1, N) and runs log_softmax over the classes on
         a float64 copy (two float64 tensors of the full size). Here a slice of LOG_SOFTMAX_SLICE tokens at a time is
-        projected, widened into a reused float64 buffer, normalised along contiguous memory (2.5x faster than along
-        the strided class dimension; the same float32 results) and narrowed into the output, so neither the full
+        projected, widened into a reused float64 buffer, normalised along contiguous memory (faster than along the
+        strided class dimension; the same float32 results) and narrowed into the output, so neither the full
         logits nor a full float64 copy exist. The result is the class-last (B, N, K-1) tensor viewed as (B, K-1, N):
         guidance and truncation reduce over the classes, which then lie in contiguous memory.
         """
