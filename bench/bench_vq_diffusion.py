@@ -11,7 +11,6 @@ the other's allocator state; freed memory is handed back to the system first, so
 """
 
 import argparse
-import ctypes
 import multiprocessing
 import os
 import statistics
@@ -23,6 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vqcore.tiling import MALLOC_TRIM  # noqa: E402  (glibc's malloc_trim, None elsewhere)
 
 CONFIG = dict(num_attention_heads=16, attention_head_dim=88, num_layers=2, cross_attention_dim=512, attention_bias=True,
               sample_size=32, num_vector_embeds=4097, activation_fn="geglu-approximate", num_embeds_ada_norm=100,
@@ -104,13 +105,6 @@ def run_step(side, parts, tokens, context, timings=None):
     return result
 
 
-def glibc_malloc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError, TypeError):
-        return None
-
-
 def rss_bytes():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
@@ -122,9 +116,8 @@ def peak_memory(side, threads, queue):
     parts = models[side]
     del models
     run_step(side, parts, tokens, context)
-    malloc_trim = glibc_malloc_trim()
-    if malloc_trim is not None:
-        malloc_trim(0)
+    if MALLOC_TRIM is not None:
+        MALLOC_TRIM(0)
     baseline = peak = rss_bytes()
     done = threading.Event()
 

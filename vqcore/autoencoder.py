@@ -159,7 +159,7 @@ class Upsample(nn.Module):
         if self.fast:
             weight = self.conv.weight
             taps = torch.tensor(self.TRANSPOSED_TAPS, dtype=weight.dtype, device=weight.device)
-            transposed = torch.einsum("ur,oirs,vs->iouv", taps, weight, taps)  # (in, out, 4, 4)
+            transposed = (taps @ weight @ taps.T).transpose(0, 1)  # (in, out, 4, 4): rows, then columns summed
             return F.conv_transpose2d(x, transposed, self.conv.bias, stride=2, padding=1)
         if x.shape[0] >= 64 or x.numel() * 2 > 2**31:
             x = x.contiguous()  # the channels-last nearest kernel fails on very large tensors
