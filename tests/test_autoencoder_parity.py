@@ -10,14 +10,31 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
+from vqcore import autoencoder  # noqa: E402
 from vqcore.autoencoder import use_fast_path  # noqa: E402
 from vqcore.autoencoder_kl import AutoencoderKL  # noqa: E402
 from vqcore.loading import load_autoencoder_kl, load_vqmodel  # noqa: E402
 
 ATOL = 1e-5  # max |difference| allowed for every float output of the fast path; indices must be equal
 # The exact path (the default) must be bit-identical. The fast path (channels-last maps, upsampling as a transposed
-# convolution) moves results by float32 rounding.
-PATHS = ("exact", "fast")
+# convolution) moves results by float32 rounding. Its CPU variants only start at sizes these tiny models never reach,
+# so two more paths force them: "fast-in-place" (every map normalised in place, one-row bands, ragged slices) and
+# "fast-winograd" (every resnet convolution by Winograd's algorithm).
+PATHS = ("exact", "fast", "fast-in-place", "fast-winograd")
+FORCED = {
+    "fast-in-place": dict(IN_PLACE_BYTES=0, BAND_BYTES=1, NORM_SLICE_PIXELS=7),
+    "fast-winograd": dict(WINOGRAD_CHANNELS=1),
+}
+
+
+@pytest.fixture
+def on_path(monkeypatch):
+    """on_path(model, path): the model switched to that path, with the path's thresholds forced for this test."""
+    def switch(model, path):
+        for name, value in FORCED.get(path, {}).items():
+            monkeypatch.setattr(autoencoder, name, value)
+        return use_fast_path(model, path != "exact")
+    return switch
 
 D, AD, U, AU = "DownEncoderBlock2D", "AttnDownEncoderBlock2D", "UpDecoderBlock2D", "AttnUpDecoderBlock2D"
 
@@ -100,10 +117,10 @@ def image(shape, seed):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", VQ_CONFIGS)
 @torch.inference_mode()
-def test_vqmodel_matches_diffusers(name, path, tmp_path):
+def test_vqmodel_matches_diffusers(name, path, tmp_path, on_path):
     case = VQ_CONFIGS[name]
     reference = save_reference(diffusers.VQModel, case["config"], tmp_path, seed=1)
-    ours = use_fast_path(load_vqmodel(tmp_path, device="cpu", dtype="fp32"), path == "fast")
+    ours = on_path(load_vqmodel(tmp_path, device="cpu", dtype="fp32"), path)
     x = image(case["image"], seed=2)
 
     latents = ours.encode(x)
@@ -137,10 +154,10 @@ def test_vqmodel_matches_diffusers(name, path, tmp_path):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", KL_CONFIGS)
 @torch.inference_mode()
-def test_autoencoder_kl_matches_diffusers(name, path, tmp_path):
+def test_autoencoder_kl_matches_diffusers(name, path, tmp_path, on_path):
     case = KL_CONFIGS[name]
     reference = save_reference(diffusers.AutoencoderKL, case["config"], tmp_path, seed=3)
-    ours = use_fast_path(load_autoencoder_kl(tmp_path, device="cpu", dtype="fp32"), path == "fast")
+    ours = on_path(load_autoencoder_kl(tmp_path, device="cpu", dtype="fp32"), path)
     x = image(case["image"], seed=4)
 
     posterior = ours.encode(x)

@@ -10,6 +10,8 @@ Two ways to compute, chosen per model with `use_fast_path`:
 * fast: feature maps are channels-last in memory, where CPU convolutions run faster, and upsampling with
   its convolution runs as one transposed convolution of the input (Upsample). Results move by float32 rounding, less
   than diffusers' own results move between one and two CPU threads (bench/bench_autoencoders.py prints both).
+  On CPU, large maps are also normalised in place and receive their last convolution band by band (ResnetBlock), and
+  resnet convolutions with many channels on smaller maps run by Winograd's algorithm (ResnetConv).
 Where it changes neither values nor layouts, work is done in place (activations, SpatialNorm's scale and shift).
 """
 
@@ -20,19 +22,73 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import VQCoreError
+from .winograd import winograd_conv3x3
 
 DOWN_BLOCK_TYPES = {"DownEncoderBlock2D": False, "AttnDownEncoderBlock2D": True}  # type -> has attention
 UP_BLOCK_TYPES = {"UpDecoderBlock2D": False, "AttnUpDecoderBlock2D": True}
 SPATIAL_NORM_GROUPS = 32  # MoVQ's SpatialNorm hard-codes 32 groups, whatever norm_num_groups says
 
-# Activations applied to freshly allocated normalisation outputs, so they may work in place.
+# Activations applied to normalisation outputs, in place.
 ACTIVATIONS = {
     "silu": lambda x: F.silu(x, inplace=True),
     "swish": lambda x: F.silu(x, inplace=True),
     "mish": lambda x: F.mish(x, inplace=True),
     "relu": lambda x: F.relu(x, inplace=True),
-    "gelu": F.gelu,
+    "gelu": lambda x: x.copy_(F.gelu(x)),
 }
+
+# On the fast path, a CPU map of IN_PLACE_BYTES or more is normalised in place and receives a convolution's output band
+# by band rather than in a fresh tensor: glibc gives every allocation from 32 MiB up fresh pages from the kernel, and
+# the first write to each page faults (on a 64 MiB map that costs about as much as the GroupNorm itself).
+IN_PLACE_BYTES = 32 << 20
+BAND_BYTES = 8 << 20  # one band of convolution output: small enough for the allocator to reuse
+NORM_SLICE_PIXELS = 2048  # normalised and activated together, while in cache
+# On the fast path, a resnet convolution with this many channels in and out, on a smaller float32 CPU map, runs by
+# Winograd's F(4x4, 3x3): about a third faster there (at 256 channels it only breaks even).
+WINOGRAD_CHANNELS = 512
+
+
+def large_cpu_map(x):
+    return x.device.type == "cpu" and x.numel() * x.element_size() >= IN_PLACE_BYTES and x.is_contiguous(
+        memory_format=torch.channels_last)
+
+
+def group_norm_act_(x, norm, act):
+    """act(norm(x)) written over x, a channels-last map; norm is an nn.GroupNorm. Per-channel statistics in two passes
+    (mean, then squared deviations: no cancellation), combined into group statistics; then the affine map and the
+    activation, one slice of pixels at a time."""
+    n, c, h, w = x.shape
+    groups = norm.num_groups
+    pixels = x.permute(0, 2, 3, 1).view(n, h * w, c)
+    slices = pixels.split(NORM_SLICE_PIXELS, 1)
+    channel_mean = pixels.mean(1, keepdim=True)
+    squares = sum((part - channel_mean).square_().sum(1, keepdim=True) for part in slices)
+    # A group's variance is the mean of its channels' variances plus the variance of their means.
+    channel_mean = channel_mean.view(n, groups, -1)
+    mean = channel_mean.mean(-1, keepdim=True)
+    variance = (squares.view(n, groups, -1) / (h * w) + (channel_mean - mean).square()).mean(-1, keepdim=True)
+    scale = torch.rsqrt(variance + norm.eps) * norm.weight.view(groups, -1)
+    shift = norm.bias.view(groups, -1) - mean * scale
+    scale, shift = scale.view(n, 1, c), shift.view(n, 1, c)
+    for part in slices:
+        act(torch.addcmul(shift, part, scale, out=part))
+    return x
+
+
+def add_convolution_(target, conv, source):
+    """target += conv(source) for a 3x3, stride-1, zero-padded convolution, computed a band of rows at a time. A band
+    reads one row beyond its edges; at the top and bottom of the image the convolution pads itself and the row it
+    computes for the padding on the far side is dropped."""
+    height = source.shape[2]
+    rows = max(1, BAND_BYTES // (target[:, :, :1].numel() * target.element_size()))
+    for top in range(0, height, rows):
+        bottom = min(top + rows, height)
+        first, last = max(top - 1, 0), min(bottom + 1, height)
+        pad = int(first == top or last == bottom)
+        band = F.conv2d(source[:, :, first:last], conv.weight, conv.bias, padding=(pad, 1))
+        skip = top - first - 1 + pad
+        target[:, :, top:bottom].add_(band[:, :, skip:skip + bottom - top])
+    return target
 
 
 class GroupNorm(nn.GroupNorm):
@@ -65,6 +121,21 @@ def make_norm(channels, groups, zq_channels):
     return GroupNorm(groups, channels, eps=1e-6)
 
 
+class ResnetConv(nn.Conv2d):
+    """A resnet's 3x3 convolution, by Winograd's algorithm (winograd.py) where the fast path prefers it."""
+
+    fast = False  # see use_fast_path
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__(in_channels, out_channels, 3, padding=1)
+
+    def forward(self, x):
+        if (self.fast and x.device.type == "cpu" and x.dtype == torch.float32 and not large_cpu_map(x)
+                and min(self.in_channels, self.out_channels) >= WINOGRAD_CHANNELS):
+            return winograd_conv3x3(x, self.weight, self.bias)
+        return super().forward(x)
+
+
 class ResnetBlock(nn.Module):
     """norm -> act -> conv3x3 -> norm -> act -> conv3x3, plus the input (through a 1x1 conv when channels change)."""
 
@@ -74,18 +145,28 @@ class ResnetBlock(nn.Module):
         super().__init__()
         self.act = ACTIVATIONS[act_fn]
         self.norm1 = make_norm(in_channels, groups, zq_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = ResnetConv(in_channels, out_channels)
         self.norm2 = make_norm(out_channels, groups, zq_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = ResnetConv(out_channels, out_channels)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x, zq=None):
+        if self.fast and large_cpu_map(x) and isinstance(self.norm1, GroupNorm):
+            return self.forward_in_place(x)
         h = self.conv1(self.act(self.norm1(x, zq)))
         h = self.conv2(self.act(self.norm2(h, zq)))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         if self.fast:  # every map is channels-last: the sum can go into h
             return h.add_(shortcut)
         return shortcut + h  # not h.add_(...): the sum must take the shortcut's memory layout, as in diffusers
+
+    def forward_in_place(self, x):
+        """The fast path's computation on a large CPU map, overwriting x (the encoder and decoder never reuse a block's
+        input). The only full-size tensors made are conv1's output and the 1x1 shortcut's."""
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        h = self.act(self.norm1(x)) if shortcut is x else group_norm_act_(x, self.norm1, self.act)
+        h = group_norm_act_(self.conv1(h), self.norm2, self.act)
+        return add_convolution_(shortcut, self.conv2, h)
 
 
 class Attention(nn.Module):
@@ -275,15 +356,20 @@ class Decoder(nn.Module):
         x = self.mid_block(x, zq)
         for level in self.up_blocks:
             x = level(x, zq)
-        x = self.conv_out(F.silu(self.conv_norm_out(x, zq), inplace=True))
+        if self.fast and large_cpu_map(x) and isinstance(self.conv_norm_out, GroupNorm):
+            x = group_norm_act_(x, self.conv_norm_out, ACTIVATIONS["silu"])
+        else:
+            x = F.silu(self.conv_norm_out(x, zq), inplace=True)
+        x = self.conv_out(x)
         return x.contiguous() if self.fast else x
 
 
 def use_fast_path(model, enabled=True):
     """Switches a VQModel's or AutoencoderKL's encoder and decoder to the fast path (channels-last feature maps,
-    upsampling as a transposed convolution) or back to diffusers' exact computation; returns the model."""
+    upsampling as a transposed convolution; on CPU also in-place work on large maps and Winograd convolutions) or back
+    to diffusers' exact computation; returns the model."""
     for module in model.modules():
-        if isinstance(module, (Encoder, Decoder, ResnetBlock, Attention, Upsample)):
+        if isinstance(module, (Encoder, Decoder, ResnetBlock, ResnetConv, Attention, Upsample)):
             module.fast = enabled
     return model
 
