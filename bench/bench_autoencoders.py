@@ -3,9 +3,11 @@
     python bench/bench_autoencoders.py [--repeats 3] [--size 512] [--threads N]
 
 vqcore runs twice: on its exact path (the default: diffusers' bits) and on its fast path (vqcore.use_fast_path:
-channels-last maps, upsampling as a transposed convolution; what the ComfyUI nodes and the command line use). Prints the median
-wall time of each, the ratio vqcore / diffusers (below 1 means vqcore is faster) and the largest difference from
-diffusers' output. All run under torch.inference_mode(), in turn, so that changing machine load hits them alike.
+channels-last maps, upsampling as a transposed convolution, in-place work on large maps, Winograd convolutions at 512
+channels; what the ComfyUI nodes and the command line use). Prints the median wall time of each, the ratio
+vqcore / diffusers (below 1 means vqcore is faster) and the largest difference from diffusers' output; for the ithq
+decode also each side's difference from a float64 decode. All run under torch.inference_mode(), in turn, so that
+changing machine load hits them alike.
 """
 
 import argparse
@@ -108,6 +110,12 @@ def main():
         torch.set_num_threads(args.threads)
         moved = (one_thread - reference.decode(latents).sample).abs().max().item()
         print(f"diffusers' own ithq VQ-VAE decode, 1 vs {args.threads} threads: max|diff| {moved:.1e}")
+        # And how far each float32 decode is from the same decode in float64.
+        truth = copy.deepcopy(reference).double().decode(latents.double()).sample
+        for side, run in (("diffusers", lambda: reference.decode(latents).sample),
+                          ("vqcore exact", lambda: exact.decode(latents)), ("vqcore fast", lambda: fast.decode(latents))):
+            print(f"ithq VQ-VAE decode, {side} (fp32) vs diffusers in float64: max|diff| "
+                  f"{(run().double() - truth).abs().max().item():.1e}")
     for side in ("exact", "fast"):
         print(f"ratios vqcore ({side} path) / diffusers: " + ", ".join(f"{k} {v[side]:.2f}" for k, v in ratios.items()))
 
