@@ -48,8 +48,13 @@ NORM_SLICE_PIXELS = 2048  # normalised and activated together, while in cache
 WINOGRAD_CHANNELS = 512
 
 
+def cpu_float32(x):
+    """Where the fast path's CPU variants apply (their statistics and transforms are made for float32)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32
+
+
 def large_cpu_map(x):
-    return x.device.type == "cpu" and x.numel() * x.element_size() >= IN_PLACE_BYTES and x.is_contiguous(
+    return cpu_float32(x) and x.numel() * x.element_size() >= IN_PLACE_BYTES and x.is_contiguous(
         memory_format=torch.channels_last)
 
 
@@ -130,7 +135,7 @@ class ResnetConv(nn.Conv2d):
         super().__init__(in_channels, out_channels, 3, padding=1)
 
     def forward(self, x):
-        if (self.fast and x.device.type == "cpu" and x.dtype == torch.float32 and not large_cpu_map(x)
+        if (self.fast and cpu_float32(x) and not large_cpu_map(x)
                 and min(self.in_channels, self.out_channels) >= WINOGRAD_CHANNELS):
             return winograd_conv3x3(x, self.weight, self.bias)
         return super().forward(x)
