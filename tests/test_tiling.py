@@ -74,6 +74,15 @@ def pixel_error(a, b):
     return ((a - b) / 2).abs().max().item()
 
 
+def assert_tiling_seamless(tiled, full, reference, naive):
+    """Our full decode is diffusers'; our tiled decode equals it, diffusers' blended tiling does not."""
+    assert full.std() > 0.2  # outputs are not near-constant, so the bounds below mean something
+    assert pixel_error(full, reference) < 1e-5
+    assert tiled.shape == full.shape
+    assert pixel_error(tiled, full) <= PIXEL_TOLERANCE
+    assert pixel_error(naive, full) > NAIVE_FACTOR * PIXEL_TOLERANCE
+
+
 def naive_blended_tiling(fn, x, tile_in, tile_out, overlap=0.25):
     """diffusers' tiled_decode / _tiled_encode algorithm: overlapping tiles processed independently, cross-faded
     (in place, against already blended neighbours) and cropped."""
@@ -116,12 +125,8 @@ def test_kl_tiled_decode_equals_full_decode_where_blending_does_not(kl_models):
         reference = theirs.decode(z).sample
         theirs.tile_sample_min_size, theirs.tile_latent_min_size = 8 * 4, 8  # 4x4 blended tiles
         naive = theirs.tiled_decode(z).sample
-    tiled = tiled_decode(ours, z, tile_size=TILE)
-    assert full.std() > 0.2  # outputs are not near-constant, so the bounds below mean something
-    assert pixel_error(full, reference) < 1e-5
-    assert tiled.shape == full.shape == (2, 3, 76, 92)
-    assert pixel_error(tiled, full) <= PIXEL_TOLERANCE
-    assert pixel_error(naive, full) > NAIVE_FACTOR * PIXEL_TOLERANCE
+    assert full.shape == (2, 3, 76, 92)
+    assert_tiling_seamless(tiled_decode(ours, z, tile_size=TILE), full, reference, naive)
 
 
 def test_movq_tiled_decode_equals_full_decode_where_blending_does_not(movq_models):
@@ -131,12 +136,7 @@ def test_movq_tiled_decode_equals_full_decode_where_blending_does_not(movq_model
         full = ours.decode(z)
         reference = theirs.decode(z).sample
         naive = naive_blended_tiling(lambda t: theirs.decode(t).sample, z, 8, 32)
-    tiled = tiled_decode(ours, z, tile_size=TILE)
-    assert full.std() > 0.2
-    assert pixel_error(full, reference) < 1e-5
-    assert tiled.shape == full.shape
-    assert pixel_error(tiled, full) <= PIXEL_TOLERANCE
-    assert pixel_error(naive, full) > NAIVE_FACTOR * PIXEL_TOLERANCE
+    assert_tiling_seamless(tiled_decode(ours, z, tile_size=TILE), full, reference, naive)
 
 
 def test_vq_decode_of_codebook_vectors_and_indices(movq_models):
