@@ -232,8 +232,7 @@ class VQCoreTiledVAEEncode:
         x = compute.images_to_model(image, handle.model.downscale_factor, "image")
         start = time.perf_counter()
         with compute.input_errors("tile_size"):
-            out = compute.tiled_encode(handle, x, tile_size, unique_id)
-        latents = compute.latents_of(out).to(host.intermediate_device())
+            latents = compute.tiled_encode(handle, x, tile_size, unique_id)
         ui = ui_payloads.tiles(x.shape[2:], tile_size, time.perf_counter() - start)
         return {"ui": {"vqcore_tiles": ui}, "result": ({"samples": latents},)}
 

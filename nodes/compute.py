@@ -182,7 +182,7 @@ def encode(handle, images, node_id=None):
         return run_sliced(handle, encode_latents, images, per_item, node_id)
     except host.oom_exception():
         log.warning("vqcore: out of memory in a full encode of %s; retrying with tiled encode", tuple(images.shape))
-    return latents_of(tiled_encode(handle, images, DEFAULT_FALLBACK_TILE, node_id)).to(host.intermediate_device())
+    return tiled_encode(handle, images, DEFAULT_FALLBACK_TILE, node_id)
 
 
 def encode_latents(model, x):
@@ -224,13 +224,14 @@ def tiled_decode(handle, latents, tile_size, node_id=None, quantized=False):
 
 
 def tiled_encode(handle, images, tile_size, node_id=None):
-    """Seamless tiled encode: KL → DiagonalGaussian, VQ → continuous latents."""
+    """Seamless tiled encode, with the full encode's result: KL → posterior mode, VQ → continuous latents."""
     host.load_models([handle.patcher], encode_bytes(handle.model, tile_size, tile_size, handle.dtype))
     pbar = host.progress_bar(1, node_id)
     with torch.inference_mode():
-        return tiling.tiled_encode(handle.model, images.to(handle.dtype), tile_size=tile_size,
-                                   progress=lambda done, total: pbar.update_absolute(done, total),
-                                   should_cancel=interrupted, offload_device=host.offload_device("vae"))
+        encoded = tiling.tiled_encode(handle.model, images.to(handle.dtype), tile_size=tile_size,
+                                      progress=lambda done, total: pbar.update_absolute(done, total),
+                                      should_cancel=interrupted, offload_device=host.offload_device("vae"))
+    return latents_of(encoded).to(host.intermediate_device())
 
 
 def interrupted() -> bool:

@@ -65,7 +65,7 @@ class VAEAdapter:
 
     def encode_tiled(self, pixel_samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
         x = compute.images_to_model(pixel_samples, self.downscale_ratio, "pixels")
-        return compute.tiled_encode(self.vqcore_handle, x, max(tile_x or 512, tile_y or 512)).float()
+        return compute.tiled_encode(self.vqcore_handle, x, max(tile_x or 512, tile_y or 512))
 
     def check_latents(self, samples):
         if samples.ndim != 4 or samples.shape[1] != self.latent_channels:

@@ -244,6 +244,9 @@ def test_autoencoder_kl_becomes_a_comfy_vae_built_from_ldm_weights(pack, demo_mo
         assert torch.equal(flux.sd["quant_conv.weight"][:, :, 0, 0], torch.eye(32))
         assert torch.equal(flux.sd["post_quant_conv.weight"][:, :, 0, 0], torch.eye(16))
         assert type(half).__name__ == "VAEAdapter", "fp16 needs our overflow fallback"
+        # ComfyUI's VAE Encode (Tiled) on the stand-in: latents (the posterior mode) like its plain encode.
+        pixels = torch.rand(1, 16, 16, 3, generator=torch.Generator().manual_seed(1))
+        assert (half.encode_tiled(pixels, 8, 8) - half.encode(pixels)).abs().max() <= 1e-2  # fp16 model
         # The seamless tiled node rebuilds the vqcore model from the comfy VAE's weights.
         latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
         out = node(pack, "VQCoreTiledVAEDecode").decode(flux, 32, samples={"samples": latents})
