@@ -10,6 +10,7 @@ from PIL import Image
 
 from ..vqcore.errors import VQCoreError
 from ..vqcore.sampler import MODES, sample
+from ..vqcore.truncation import check_rate
 from ..vqcore.vq_diffusion import load_vq_diffusion
 from . import compute, host, model_choices, ui_payloads
 from .autoencoder_nodes import DTYPE_TOOLTIP, DTYPES, load_dtype
@@ -149,10 +150,9 @@ class VQCoreTruncation:
 
     def patch(self, model, truncation_rate, purity_prior="purity", purity_weight=1.0):
         diffusion_model(model, "model")
-        if not 0 < truncation_rate <= 1:
-            raise VQCoreError(f"truncation_rate: must lie in (0, 1]; got {truncation_rate}")
-        return (model.patched(truncation_rate=float(truncation_rate), prior_rule=purity_prior,
-                              prior_weight=float(purity_weight)),)
+        with compute.input_errors("truncation_rate"):
+            rate = check_rate(truncation_rate)
+        return (model.patched(truncation_rate=rate, prior_rule=purity_prior, prior_weight=float(purity_weight)),)
 
 
 def diffusion_model(model, input_name):
