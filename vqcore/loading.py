@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .autoencoder_kl import AutoencoderKL
-from .checkpoint import find_weights, is_safetensors, read_config, read_state_dict
+from .checkpoint import is_safetensors, read_config, read_folder_state_dict, read_state_dict
 from .devices import default_device, resolve_dtype
 from .errors import CheckpointError, VQCoreError
 from .vae_layouts import (
@@ -70,7 +70,7 @@ def _load(path, device, dtype, family, variant, expected):
         raise CheckpointError(f"{source}: holds {DESCRIPTIONS[class_name]}, not {DESCRIPTIONS[expected]}")
     if family != "auto":
         config = apply_family(config, family, source)
-    return _build(MODEL_CLASSES[class_name], config, state, device, dtype, source)
+    return build_model(MODEL_CLASSES[class_name], config, state, device, dtype, source)
 
 
 def _read_folder(folder, device, variant):
@@ -81,10 +81,9 @@ def _read_folder(folder, device, variant):
         folder = component
     config = read_config(folder)
     # A shard holds any slice of the VAE, so the VAE's keys are picked from all shards together.
-    state = {}
-    for file in find_weights(folder, variant=variant):
-        state.update(_read_tensors(file, device, lambda keys: {key: key for key in keys})[0])
-    state = to_diffusers_names({name: state[key] for key, name in select_vae_keys(state, folder).items()}, folder)
+    state = read_folder_state_dict(folder, variant=variant)
+    state = to_diffusers_names({name: state[key].to(device) for key, name in select_vae_keys(state, folder).items()},
+                               folder)
     class_name = config.get("_class_name")
     if class_name not in MODEL_CLASSES:
         class_name = KIND_CLASS_NAMES[model_kind(state)]
@@ -92,7 +91,7 @@ def _read_folder(folder, device, variant):
 
 
 def _read_single_file(path, device):
-    raw, all_keys = _read_tensors(path, device, lambda keys: select_vae_keys(keys, path))
+    raw, all_keys = _read_vae_tensors(path, device)
     state = to_diffusers_names(raw, path)
     config = infer_config(state, path)
     if config["_class_name"] == "AutoencoderKL":
@@ -102,20 +101,20 @@ def _read_single_file(path, device):
     return config, state, path
 
 
-def _read_tensors(path, device, select):
-    """The tensors of one file that select(keys) maps to new names ({key: name}), on `device`, and the names of all
-    tensors in the file."""
+def _read_vae_tensors(path, device):
+    """The VAE's tensors of one file ({name without its prefix: tensor}, on `device`) and the names of all tensors in
+    the file."""
     path = Path(path)
     if path.is_file() and path.stat().st_size > 0 and is_safetensors(path):
         try:
             with safe_open(str(path), framework="pt", device=_safetensors_device(device)) as f:
                 keys = list(f.keys())
-                return {name: f.get_tensor(key) for key, name in select(keys).items()}, keys
+                return {name: f.get_tensor(key) for key, name in select_vae_keys(keys, path).items()}, keys
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
     # Pickles must be parsed whole; parse on the CPU and move only the selected tensors.
     state = read_state_dict(path, "cpu")
-    return {name: state[key].to(device) for key, name in select(state).items()}, list(state)
+    return {name: state[key].to(device) for key, name in select_vae_keys(state, path).items()}, list(state)
 
 
 def _safetensors_device(device):
@@ -124,11 +123,13 @@ def _safetensors_device(device):
     return str(device)
 
 
-def _build(cls, config, state, device, dtype, source):
+def build_model(cls, config, state, device, dtype, source):
+    """cls built from its config dict and loaded strictly with `state`; any problem is a CheckpointError naming
+    `source`."""
     try:
         with torch.device("meta"):  # no random initialisation, no memory until the real tensors are assigned
             model = cls.from_config(config)
-    except VQCoreError as e:  # e.g. channel counts that no GroupNorm divides
+    except (VQCoreError, TypeError) as e:  # channel counts no GroupNorm divides; a field missing from the config
         raise CheckpointError(f"{source}: {e}") from e
     _check_keys(model, state, cls.__name__, source)
     state = {k: v.to(dtype) for k, v in state.items()}

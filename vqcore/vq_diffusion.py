@@ -16,7 +16,7 @@ import torch
 from .checkpoint import find_weights, read_config, read_folder_state_dict
 from .devices import default_device, resolve_dtype
 from .errors import CheckpointError, VQCoreError
-from .loading import load_vqmodel
+from .loading import build_model, load_vqmodel
 from .sampler import sample
 from .scheduler import VQDiffusionScheduler
 from .text_encoder import WEIGHT_STEMS, VQTextEncoder
@@ -121,16 +121,8 @@ def load_transformer(folder, device, dtype, variant):
     config = read_config(folder)
     if "num_vector_embeds" not in config:
         raise CheckpointError(f"{folder}/config.json: not a discrete (VQ-Diffusion) transformer: no num_vector_embeds")
-    model = from_config_file(VQDiffusionTransformer, config, folder / "config.json")
     state = read_folder_state_dict(folder, variant=available_variant(folder, variant))
-    missing, unexpected = sorted(model.state_dict().keys() - state.keys()), sorted(state.keys() - model.state_dict().keys())
-    if missing or unexpected:
-        raise CheckpointError(f"{folder}: weights do not fit config.json: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{folder}: weight shapes do not fit config.json: {e}") from e
-    return model.to(device=device, dtype=dtype).eval()
+    return build_model(VQDiffusionTransformer, config, state, device, dtype, folder / "config.json")
 
 
 def load_null_embeddings(folder, device, variant):
