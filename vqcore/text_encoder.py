@@ -5,13 +5,12 @@ Prompts are padded to 77 tokens with "!" (id 0, the original's padding); longer 
 warning that quotes the cut text.
 """
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 
-from .checkpoint import read_folder_state_dict
+from .checkpoint import read_config, read_folder_state_dict
 from .errors import CheckpointError, VQCoreError
 
 log = logging.getLogger(__name__)
@@ -43,11 +42,8 @@ def load_text_model(folder, device="cpu", dtype=None, variant=None):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     folder = Path(folder)
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{folder}: no readable config.json for the CLIP text encoder: {e}") from e
-    config = {k: v for k, v in config.items() if k not in ("architectures", "transformers_version", "torch_dtype", "dtype")}
+    config = {k: v for k, v in read_config(folder).items()
+              if k not in ("architectures", "transformers_version", "torch_dtype", "dtype")}
     model = CLIPTextModel(CLIPTextConfig(**config))
     state = read_folder_state_dict(folder, WEIGHT_STEMS, variant)
     own = model.state_dict()
@@ -73,10 +69,6 @@ class VQTextEncoder:
     @property
     def device(self):
         return self.text_model.device
-
-    @property
-    def hidden_size(self):
-        return self.text_model.config.hidden_size
 
     def token_ids(self, prompts):
         """(B, 77) ids; tokens past the 77th are cut (the end-of-text token with them) and the cut text logged."""

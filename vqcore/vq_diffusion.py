@@ -34,7 +34,6 @@ class VQDiffusionModel:
     scheduler: VQDiffusionScheduler
     text_encoder: VQTextEncoder
     null_embeddings: torch.Tensor | None  # (77, C) learned negative text embeddings, or None
-    source: str = ""
 
     def negative_embeddings(self, num_prompts):
         """The learned null embeddings when the checkpoint has them, else the empty prompt's embeddings."""
@@ -73,7 +72,7 @@ def load_vq_diffusion(folder, device=None, dtype=None, variant=None) -> VQDiffus
     text_variant = available_variant(folder / "text_encoder", variant, WEIGHT_STEMS)
     text_encoder = VQTextEncoder.from_folders(folder / "tokenizer", folder / "text_encoder", device, dtype, text_variant)
     null = load_null_embeddings(folder / NULL_EMBEDDINGS, device, variant)
-    return VQDiffusionModel(vqvae, transformer, scheduler, text_encoder, null, str(folder))
+    return VQDiffusionModel(vqvae, transformer, scheduler, text_encoder, null)
 
 
 def check_layout(folder):
@@ -128,7 +127,7 @@ def load_transformer(folder, device, dtype, variant):
 def load_null_embeddings(folder, device, variant):
     if not folder.is_dir():
         return None
-    config = read_json(folder / "config.json")
+    config = read_config(folder)
     if not config.get("learnable"):
         return None
     state = read_folder_state_dict(folder, variant=available_variant(folder, variant))
