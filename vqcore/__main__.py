@@ -79,10 +79,15 @@ def run_roundtrip(args):
             latents = model.encode(x).mode()
             y = model.decode(latents)
             summary = f"KL, latents {tuple(latents.shape[1:])}, scaling_factor {model.config['scaling_factor']}"
-    pixels = ((y[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(output, format="PNG")
+    save_png(y, output)
     print(f"{args.model}: {summary}; {image.shape[1]}x{image.shape[0]} image -> {output}")
+
+
+def save_png(images, path):
+    """(B, 3, H, W) images in [-1, 1], side by side, as one PNG."""
+    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(torch.cat(list(pixels), dim=1).numpy()).save(path, format="PNG")
 
 
 def read_image(path) -> np.ndarray:
@@ -152,11 +157,7 @@ def run_generate(args):
 
     tokens = model.generate([args.prompt], num_images_per_prompt=args.images, steps=args.steps, guidance_scale=args.guidance,
                             truncation_rate=args.truncation, mode=args.mode, seed=args.seed, callback=progress)
-    images = model.decode(tokens)
-    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-    pixels = torch.cat(list(pixels), dim=1).numpy()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(args.output, format="PNG")
+    save_png(model.decode(tokens), args.output)
     print(f"{folder}: {tuple(tokens.shape)} tokens -> {args.output}")
 
 
