@@ -2,6 +2,7 @@
 (by file path, under a package name that is not its folder name)."""
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,3 +30,15 @@ def import_pack():
 @pytest.fixture(scope="session")
 def pack():
     return import_pack()
+
+
+@pytest.fixture(scope="session")
+def demo_models(tmp_path_factory):
+    """What the documented `python -m vqcore demo-models DIR` writes, once per session, so the tests use exactly the
+    files users get."""
+    models = tmp_path_factory.mktemp("comfy") / "models"
+    result = subprocess.run([sys.executable, "-m", "vqcore", "demo-models", str(models)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    assert str(models / "vq_models" / "demo-movq.safetensors") in result.stdout  # it lists what it wrote
+    return models

@@ -4,11 +4,11 @@ import shutil
 
 import pytest
 import torch
-from nodes_support import demo_models, plain_host  # noqa: F401  (demo_models is a fixture)
+from nodes_support import plain_host
 
 
 @pytest.fixture
-def nodes(pack, demo_models):  # noqa: F811
+def nodes(pack, demo_models):
     with plain_host(pack, demo_models):
         yield {node_id: cls() for node_id, cls in pack.NODE_CLASS_MAPPINGS.items()}
 
@@ -36,7 +36,7 @@ def test_missing_model_file(nodes, error):
     error("checkpoint", nodes["VQCoreLoadVQDiffusion"].load, "no-such-folder")
 
 
-def test_model_file_deleted_after_listing(pack, demo_models, tmp_path, error):  # noqa: F811
+def test_model_file_deleted_after_listing(pack, demo_models, tmp_path, error):
     models = tmp_path / "models"
     shutil.copytree(demo_models / "vq_models", models / "vq_models")
     with plain_host(pack, models):

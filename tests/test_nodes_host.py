@@ -7,13 +7,13 @@ import logging
 import pytest
 import torch
 from nodes_fakes import FakeHost, InterruptProcessingException
-from nodes_support import bound_host, demo_models, host_module  # noqa: F401  (demo_models is a fixture)
+from nodes_support import bound_host, host_module
 
 VQ_FILE = "demo-vq-f8.safetensors"
 
 
 @pytest.fixture
-def fake(pack, demo_models):  # noqa: F811
+def fake(pack, demo_models):
     fake = FakeHost(demo_models, host_module(pack).PlainFolders)
     with bound_host(pack, **fake.modules()):
         yield fake
@@ -153,7 +153,7 @@ def test_half_precision_overflow_is_recomputed_in_fp32(pack, fake, caplog):
     assert "float32" in caplog.text and vq_vae.dtype == torch.float32
 
 
-def test_model_folders_merge_with_user_configured_paths(pack, demo_models, tmp_path):  # noqa: F811
+def test_model_folders_merge_with_user_configured_paths(pack, demo_models, tmp_path):
     host = host_module(pack)
     fake = FakeHost(demo_models, host.PlainFolders)
     extra = tmp_path / "my_vq_models"
@@ -226,7 +226,7 @@ class RecordingComfyVAE:
         return self.sd
 
 
-def test_autoencoder_kl_becomes_a_comfy_vae_built_from_ldm_weights(pack, demo_models):  # noqa: F811
+def test_autoencoder_kl_becomes_a_comfy_vae_built_from_ldm_weights(pack, demo_models):
     import types
 
     fake = FakeHost(demo_models, host_module(pack).PlainFolders)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from nodes_support import demo_models, plain_host  # noqa: F401  (demo_models is a fixture)
+from nodes_support import plain_host
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "example_workflows"
 API_FILES = sorted(WORKFLOWS.glob("api/*.json"))
@@ -133,7 +133,7 @@ def test_every_workflow_has_both_formats():
 
 
 @pytest.mark.parametrize("api_file", API_FILES, ids=lambda p: p.name)
-def test_example_workflow_runs_and_is_deterministic(pack, demo_models, api_file):  # noqa: F811
+def test_example_workflow_runs_and_is_deterministic(pack, demo_models, api_file):
     prompt = json.loads(api_file.read_text())
     with plain_host(pack, demo_models):
         results = run_workflow(pack, prompt)

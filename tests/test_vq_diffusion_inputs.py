@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from vqcore.errors import CheckpointError, VQCoreError
-from vqcore.demo import demo_vocabulary, write_demo_vq_diffusion
+from vqcore.demo import demo_vocabulary
 from vqcore.vq_diffusion import load_vq_diffusion
 
 
 @pytest.fixture(scope="module")
-def demo_folder(tmp_path_factory):
-    return write_demo_vq_diffusion(tmp_path_factory.mktemp("vqd") / "demo", seed=0)
+def demo_folder(demo_models):
+    return demo_models / "diffusers" / "vq-diffusion-demo"  # tests that change it work on a copy
 
 
 @pytest.fixture(scope="module")
