@@ -1,6 +1,7 @@
 """Bad input, one test per case: a clear VQCoreError / CheckpointError naming the file or tensor at fault, and nothing
 else breaks (no code from a pickle runs, a good file still loads afterwards)."""
 
+import re
 import struct
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from vqcore.autoencoder_kl import AutoencoderKL
 from vqcore.errors import CheckpointError, VQCoreError
 from vqcore.loading import load_autoencoder, load_autoencoder_kl, load_vqmodel
 from vqcore.vae_layouts import to_ldm_names
@@ -130,6 +132,26 @@ def test_nan_input(vq):
     x[0, 1, 3, 5] = float("nan")
     with pytest.raises(VQCoreError, match="NaN"):
         vq.encode(x)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m.decode(torch.zeros(1, 5, 4, 4)), "(batch, 4, height, width)"),
+    (lambda m: m.decode_indices(torch.full((1, 4, 4), 16)), "[0, 16)"),
+    (lambda m: m.decode_indices(torch.zeros(1, 4, 4)), "integer"),
+], ids=["latent channels", "index out of range", "float indices"])
+def test_bad_latents_and_indices(vq, call, message):
+    with pytest.raises(VQCoreError, match=re.escape(message)):
+        call(vq)
+
+
+def test_config_errors_are_reported_before_building():
+    with pytest.raises(VQCoreError, match="vq_embed_dim"):
+        VQModel(block_out_channels=[32], norm_type="spatial", latent_channels=4, vq_embed_dim=3)
+    with pytest.raises(VQCoreError, match="unsupported block type"):
+        AutoencoderKL(down_block_types=["CrossAttnDownBlock2D"])
+    with pytest.raises(VQCoreError, match="same, non-zero length"):
+        AutoencoderKL(block_out_channels=[32, 64])
+    assert VQModel.from_config({"_class_name": "VQModel", "latent_channels": 2, "unknown": 1}).config["latent_channels"] == 2
 
 
 def test_shape_mismatch_is_named(tmp_path, vq_file):
