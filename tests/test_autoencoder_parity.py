@@ -3,7 +3,6 @@
 Every config is a tiny random model whose norms and codebook are perturbed away from their trivial initial values.
 """
 
-
 import pytest
 import torch
 
