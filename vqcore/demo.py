@@ -128,9 +128,7 @@ def _old_attention_names(state):
 
 
 def _diffusers_folder(folder, model, fp16_variant=False, old_attention_names=False):
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {"_class_name": type(model).__name__, **model.config}
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _json(folder / "config.json", {"_class_name": type(model).__name__, **model.config})
     state = _weights(model)
     if old_attention_names:  # the ithq layout: fp32 only as a pickled .bin with old names, fp16 as safetensors
         files = [_torch(folder / "diffusion_pytorch_model.bin", _old_attention_names(state))]
@@ -143,8 +141,13 @@ def _diffusers_folder(folder, model, fp16_variant=False, old_attention_names=Fal
 
 def _safetensors(path, state):
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path))
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path))
     return path
+
+
+def _json(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _torch(path, obj):
@@ -192,33 +195,25 @@ def write_demo_vq_diffusion(folder, seed=0) -> Path:
         vqvae = VQModel(**DEMO_VQVAE)
         null = torch.randn(MAX_LENGTH, DEMO_TEXT["hidden_size"]) * 0.2
 
-    def write_json(path, data):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=2) + "\n")
-
-    def weights(path, state):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path))
-
-    write_json(folder / "model_index.json", {
+    _json(folder / "model_index.json", {
         "_class_name": "VQDiffusionPipeline", "_diffusers_version": "0.8.0.dev0",
         NULL_EMBEDDINGS: ["vq_diffusion", "LearnedClassifierFreeSamplingEmbeddings"],
         "scheduler": ["diffusers", "VQDiffusionScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "transformer": ["diffusers", "Transformer2DModel"],
         "vqvae": ["diffusers", "VQModel"]})
-    write_json(folder / "tokenizer" / "vocab.json", vocab)
+    _json(folder / "tokenizer" / "vocab.json", vocab)
     (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
-    write_json(folder / "tokenizer" / "tokenizer_config.json", {"model_max_length": MAX_LENGTH, "pad_token": PAD_TOKEN})
-    write_json(folder / "text_encoder" / "config.json", dict(text_config, architectures=["CLIPTextModel"], model_type="clip_text_model"))
-    weights(folder / "text_encoder" / "model.safetensors", text_model.state_dict())
-    write_json(folder / "transformer" / "config.json", dict(DEMO_TRANSFORMER, _class_name="Transformer2DModel"))
-    weights(folder / "transformer" / "diffusion_pytorch_model.safetensors", transformer.state_dict())
-    write_json(folder / "vqvae" / "config.json", dict(DEMO_VQVAE, _class_name="VQModel"))
-    weights(folder / "vqvae" / "diffusion_pytorch_model.safetensors", vqvae.state_dict())
-    write_json(folder / "scheduler" / "scheduler_config.json",
+    _json(folder / "tokenizer" / "tokenizer_config.json", {"model_max_length": MAX_LENGTH, "pad_token": PAD_TOKEN})
+    _json(folder / "text_encoder" / "config.json", dict(text_config, architectures=["CLIPTextModel"], model_type="clip_text_model"))
+    _safetensors(folder / "text_encoder" / "model.safetensors", text_model.state_dict())
+    _json(folder / "transformer" / "config.json", dict(DEMO_TRANSFORMER, _class_name="Transformer2DModel"))
+    _safetensors(folder / "transformer" / "diffusion_pytorch_model.safetensors", transformer.state_dict())
+    _json(folder / "vqvae" / "config.json", dict(DEMO_VQVAE, _class_name="VQModel"))
+    _safetensors(folder / "vqvae" / "diffusion_pytorch_model.safetensors", vqvae.state_dict())
+    _json(folder / "scheduler" / "scheduler_config.json",
                {"_class_name": "VQDiffusionScheduler", "num_vec_classes": DEMO_TRANSFORMER["num_vector_embeds"], "num_train_timesteps": 100})
-    write_json(folder / NULL_EMBEDDINGS / "config.json",
+    _json(folder / NULL_EMBEDDINGS / "config.json",
                {"_class_name": "LearnedClassifierFreeSamplingEmbeddings", "learnable": True,
                 "hidden_size": DEMO_TEXT["hidden_size"], "length": MAX_LENGTH})
-    weights(folder / NULL_EMBEDDINGS / "diffusion_pytorch_model.safetensors", {"embeddings": null})
+    _safetensors(folder / NULL_EMBEDDINGS / "diffusion_pytorch_model.safetensors", {"embeddings": null})
     return folder
