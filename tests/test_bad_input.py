@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from vqcore.autoencoder_kl import AutoencoderKL
 from vqcore.errors import CheckpointError, VQCoreError
@@ -26,6 +26,12 @@ def vq_file(tmp_path):
                     latent_channels=4, num_vq_embeddings=16)
     path = tmp_path / "good-vq.safetensors"
     save_file({k: v.contiguous() for k, v in to_ldm_names(model.state_dict()).items()}, path)
+    return path
+
+
+def rewritten(vq_file, path, change):
+    """The good checkpoint with change(state) -> state applied, written to path."""
+    save_file(change(load_file(vq_file)), path)
     return path
 
 
@@ -97,23 +103,17 @@ def test_text_encoder_file_given_to_vae_loader(tmp_path):
 
 
 def test_missing_keys_are_named(vq_file, tmp_path):
-    from safetensors.torch import load_file
-
-    state = load_file(vq_file)
-    del state["decoder.up.0.block.1.conv2.bias"]
-    save_file(state, tmp_path / "missing.safetensors")
+    path = rewritten(vq_file, tmp_path / "missing.safetensors",
+                     lambda state: {k: v for k, v in state.items() if k != "decoder.up.0.block.1.conv2.bias"})
     with pytest.raises(CheckpointError, match=r"missing\.safetensors.*missing keys \(1\): decoder\.up_blocks\.2\.resnets\.1\.conv2\.bias"):
-        load_vqmodel(tmp_path / "missing.safetensors", device="cpu")
+        load_vqmodel(path, device="cpu")
 
 
 def test_extra_keys_are_named(vq_file, tmp_path):
-    from safetensors.torch import load_file
-
-    state = load_file(vq_file)
-    state["encoder.down.0.block.0.time_emb_proj.weight"] = torch.zeros(32, 8)
-    save_file(state, tmp_path / "extra.safetensors")
+    path = rewritten(vq_file, tmp_path / "extra.safetensors",
+                     lambda state: {**state, "encoder.down.0.block.0.time_emb_proj.weight": torch.zeros(32, 8)})
     with pytest.raises(CheckpointError, match=r"extra\.safetensors.*unexpected keys \(1\): encoder\.down_blocks\.0\.resnets\.0\.time_emb_proj\.weight"):
-        load_vqmodel(tmp_path / "extra.safetensors", device="cpu")
+        load_vqmodel(path, device="cpu")
 
 
 def test_image_size_not_divisible_by_downscale_factor(vq):
@@ -155,44 +155,33 @@ def test_config_errors_are_reported_before_building():
 
 
 def test_shape_mismatch_is_named(tmp_path, vq_file):
-    from safetensors.torch import load_file
-
-    state = load_file(vq_file)
-    state["post_quant_conv.bias"] = torch.zeros(5)
-    save_file(state, tmp_path / "shapes.safetensors")
+    path = rewritten(vq_file, tmp_path / "shapes.safetensors",
+                     lambda state: {**state, "post_quant_conv.bias": torch.zeros(5)})
     with pytest.raises(CheckpointError, match=r"shape mismatches \(1\): post_quant_conv\.bias \(file \(5,\), model \(4,\)\)"):
-        load_vqmodel(tmp_path / "shapes.safetensors", device="cpu")
-
+        load_vqmodel(path, device="cpu")
 
 
 def test_tensor_with_wrong_rank_for_inferring_the_architecture(tmp_path, vq_file):
-    from safetensors.torch import load_file
-
-    state = load_file(vq_file)
-    state["quantize.embedding.weight"] = torch.zeros(16)  # a damaged codebook, flattened
-    save_file(state, tmp_path / "flat-codebook.safetensors")
+    path = rewritten(vq_file, tmp_path / "flat-codebook.safetensors",  # a damaged codebook, flattened
+                     lambda state: {**state, "quantize.embedding.weight": torch.zeros(16)})
     with pytest.raises(CheckpointError, match=r"flat-codebook\.safetensors: tensor quantize\.embedding\.weight has shape \(16,\)"):
-        load_vqmodel(tmp_path / "flat-codebook.safetensors", device="cpu")
+        load_vqmodel(path, device="cpu")
 
 
 def test_integer_weights_are_named(tmp_path, vq_file):
-    from safetensors.torch import load_file
-
-    state = load_file(vq_file)
-    state["encoder.conv_in.weight"] = state["encoder.conv_in.weight"].to(torch.int32)
-    save_file(state, tmp_path / "int.safetensors")
+    path = rewritten(vq_file, tmp_path / "int.safetensors",
+                     lambda state: {**state, "encoder.conv_in.weight": state["encoder.conv_in.weight"].to(torch.int32)})
     with pytest.raises(CheckpointError, match=r"int\.safetensors.*not floating point \(1\): encoder\.conv_in\.weight \(torch\.int32\)"):
-        load_vqmodel(tmp_path / "int.safetensors", device="cpu")
+        load_vqmodel(path, device="cpu")
 
 
 def test_config_error_from_shapes_names_the_file(tmp_path, vq_file):
-    from safetensors.torch import load_file
+    def narrow(state):  # the first level 24 channels wide, which 32 GroupNorm groups cannot divide
+        return {k: v[:24] if k.startswith("encoder.down.0.block.0.conv1.") else v for k, v in state.items()}
 
-    state = load_file(vq_file)  # first level narrowed to 24 channels, which 32 GroupNorm groups cannot divide
-    state = {k: v[:24] if k.startswith("encoder.down.0.block.0.conv1.") else v for k, v in state.items()}
-    save_file(state, tmp_path / "narrow.safetensors")
+    path = rewritten(vq_file, tmp_path / "narrow.safetensors", narrow)
     with pytest.raises(CheckpointError, match=r"narrow\.safetensors: block_out_channels \[24, 32, 64\]"):
-        load_vqmodel(tmp_path / "narrow.safetensors", device="cpu")
+        load_vqmodel(path, device="cpu")
 
 
 def test_unknown_dtype_name(vq_file):
