@@ -619,8 +619,11 @@ def check_tile_size(model, tile_size):
         )
 
 
-def run_per_image(program, inputs, tile_size, model, progress, should_cancel, offload_device):
-    """Runs the program on each batch item in turn; returns the outputs concatenated on the offload device."""
+def run_per_image(program, inputs, tile_size, model, progress, should_cancel, offload_device, out_channels):
+    """Runs the program on each batch item in turn; returns the outputs concatenated on the offload device (for an
+    empty batch an empty one of the output's shape, as the full encode and decode give)."""
+    if not len(inputs):
+        return torch.empty(0, out_channels, *program.size, dtype=model.dtype, device=offload_device)
     counter = [0, count_tiles(program, tile_size) * inputs.shape[0]]
     outputs = []
     with torch.no_grad():
@@ -660,7 +663,8 @@ def tiled_decode(model, latents, tile_size=512, progress=None, should_cancel=Non
     spatial = is_vq and model.config.get("norm_type") == "spatial"
     program = decoder_program(model, tuple(quant.shape[-2:]), spatial)
     program.finish()
-    return run_per_image(program, quant, tile_size, model, progress, should_cancel, offload_device)
+    return run_per_image(program, quant, tile_size, model, progress, should_cancel, offload_device,
+                         model.config["out_channels"])
 
 
 def tiled_encode(model, images, tile_size=512, progress=None, should_cancel=None, offload_device="cpu"):
@@ -673,6 +677,8 @@ def tiled_encode(model, images, tile_size=512, progress=None, should_cancel=None
     check_input(images, model.config["in_channels"], model.downscale_factor, "tiled_encode images")
     program = encoder_program(model, tuple(images.shape[-2:]))
     program.finish()
-    output = run_per_image(program, images, tile_size, model, progress, should_cancel, offload_device)
+    last_conv = model.quant_conv if model.quant_conv is not None else model.encoder.conv_out
+    output = run_per_image(program, images, tile_size, model, progress, should_cancel, offload_device,
+                           last_conv.out_channels)
     output = output.to(model.device)
     return DiagonalGaussian(output) if not hasattr(model, "quantize") else output
