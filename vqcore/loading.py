@@ -58,9 +58,18 @@ def load_autoencoder(path, device=None, dtype=None, family="auto", variant=None)
 
 
 def _load(path, device, dtype, family, variant, expected):
-    path = Path(path)
     device = torch.device(device) if device is not None else default_device()
     dtype = torch.float32 if dtype is None else resolve_dtype(dtype, device)
+    config, state, source = read_autoencoder(path, device, family, variant, expected)
+    return build_model(MODEL_CLASSES[config["_class_name"]], config, state, device, dtype, source)
+
+
+def read_autoencoder(path, device="cpu", family="auto", variant=None, expected=None):
+    """(config, state dict in diffusers names, source) of the autoencoder a folder or single file holds, without
+    building a model; the torch loaders above and vqcore.flax both read through here. `expected` is a class name
+    ("VQModel", "AutoencoderKL") or None for either."""
+    path = Path(path)
+    device = torch.device(device)
     if path.is_dir():
         config, state, source = _read_folder(path, device, variant)
     else:
@@ -70,7 +79,7 @@ def _load(path, device, dtype, family, variant, expected):
         raise CheckpointError(f"{source}: holds {DESCRIPTIONS[class_name]}, not {DESCRIPTIONS[expected]}")
     if family != "auto":
         config = apply_family(config, family, source)
-    return build_model(MODEL_CLASSES[class_name], config, state, device, dtype, source)
+    return config, state, source
 
 
 def _read_folder(folder, device, variant):
@@ -131,7 +140,7 @@ def build_model(cls, config, state, device, dtype, source):
             model = cls.from_config(config)
     except (VQCoreError, TypeError) as e:  # channel counts no GroupNorm divides; a field missing from the config
         raise CheckpointError(f"{source}: {e}") from e
-    _check_keys(model, state, cls.__name__, source)
+    check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, state, cls.__name__, source)
     state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -140,8 +149,9 @@ def build_model(cls, config, state, device, dtype, source):
     return model.to(device).eval().requires_grad_(False)
 
 
-def _check_keys(model, state, class_name, source):
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def check_keys(expected, state, class_name, source):
+    """CheckpointError naming `source` unless `state` has exactly the keys of `expected` ({name: shape}), with those
+    shapes, all floating point."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = [
