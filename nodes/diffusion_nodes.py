@@ -219,7 +219,10 @@ class VQCoreVQDiffusionSampler:
             "sampling_mode": (list(MODES), {
                 "default": "standard",
                 "tooltip": "standard: every timestep (as diffusers). fast: `steps` timesteps spread over the "
-                           "schedule. purity: unmask the most confident positions first (Improved VQ-Diffusion)."}),
+                           "schedule. last_steps: only the last `steps` timesteps, one at a time (what diffusers "
+                           "runs for num_inference_steps = steps; with tokens, steps sets how much is re-noised and "
+                           "denoise stays 1). purity: unmask the most confident positions first (Improved "
+                           "VQ-Diffusion)."}),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per prompt."}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
                                   "tooltip": "With tokens: how much of the schedule to run again (1: all; lower "
@@ -250,6 +253,9 @@ class VQCoreVQDiffusionSampler:
                 region = token_mask(mask, grid, vq.model.downscale_factor, batch)
         elif mask is not None:
             raise VQCoreError("mask: a mask needs tokens to start from (connect VQ Encode's tokens)")
+        if sampling_mode == "last_steps" and init is not None and denoise != 1:
+            raise VQCoreError(f"denoise: sampling_mode last_steps re-noises the tokens to timestep steps - 1, so steps "
+                              f"sets how much is regenerated; leave denoise at 1 (got {denoise})")
         total_steps = model.scheduler.num_train_timesteps
         if sampling_mode != "standard" and steps > total_steps:
             raise VQCoreError(f"steps: at most {total_steps} (the schedule's length) for this model; got {steps}")

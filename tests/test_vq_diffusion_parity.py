@@ -142,3 +142,37 @@ def test_one_step_at_ithq_shapes():
     theirs_next = theirs_scheduler.step(theirs_truncated, t, tokens, generator=torch.Generator().manual_seed(3)).prev_sample
     ours_next = ours_scheduler.step(theirs_truncated, int(t), tokens, generator=torch.Generator().manual_seed(3))
     assert torch.equal(ours_next, theirs_next)
+
+
+@pytest.mark.parametrize("steps", [1, 4, 9])
+def test_last_steps_mode_is_diffusers_num_inference_steps(reference, steps):
+    """diffusers' num_inference_steps < T runs timesteps steps - 1 .. 0 of the T-step chain; mode "last_steps" runs
+    the same and draws the same noise, so the tokens after every step are identical."""
+    folder, components = reference
+    null = with_null_embeddings(folder, learnable=True)
+    pipe = VQDiffusionPipeline(**components, learned_classifier_free_sampling_embeddings=null)
+    pipe.set_progress_bar_config(disable=True)
+    theirs_steps = []
+    pipe(PROMPTS, num_inference_steps=steps, guidance_scale=5.0, truncation_rate=0.9, num_images_per_prompt=2,
+         generator=torch.Generator().manual_seed(11), output_type="np", callback=lambda i, t, s: theirs_steps.append(s.clone()))
+
+    model = load_vq_diffusion(folder, device="cpu")
+    ours_steps = []
+    tokens = model.generate(PROMPTS, num_images_per_prompt=2, guidance_scale=5.0, truncation_rate=0.9, steps=steps,
+                            mode="last_steps", generator=torch.Generator().manual_seed(11),
+                            callback=lambda i, n, s, x0: ours_steps.append(s.reshape(s.shape[0], -1).clone()))
+    assert len(ours_steps) == len(theirs_steps) == steps
+    for step, (a, b) in enumerate(zip(ours_steps, theirs_steps)):
+        assert torch.equal(a, b), f"tokens differ after step {step} of {steps}"
+    assert torch.equal(tokens.reshape(4, -1), theirs_steps[-1])
+    # Runs shorter than the schedule leave a different result from the full run (the test can tell them apart).
+    assert steps == STEPS or not torch.equal(tokens, model.generate(
+        PROMPTS, num_images_per_prompt=2, guidance_scale=5.0, truncation_rate=0.9, mode="standard",
+        generator=torch.Generator().manual_seed(11)))
+
+
+@pytest.mark.parametrize("steps", [1, 7, 50, 100])
+def test_last_timesteps_are_diffusers_timesteps_of_the_ithq_schedule(steps):
+    theirs = diffusers.VQDiffusionScheduler(4097, num_train_timesteps=100)
+    theirs.set_timesteps(steps)
+    assert VQDiffusionScheduler(4097, num_train_timesteps=100).last_timesteps(steps) == theirs.timesteps.tolist()

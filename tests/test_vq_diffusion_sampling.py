@@ -1,8 +1,9 @@
-"""Truncation, respaced timesteps, the purity prior, token inpainting, callbacks and cancellation."""
+"""Truncation, respaced timesteps, the last-steps schedule, the purity prior, token inpainting, callbacks and cancellation."""
 
 import pytest
 import torch
 
+from vqcore.errors import VQCoreError
 from vqcore.sampler import SamplingCancelled, sample
 from vqcore.scheduler import VQDiffusionScheduler
 from vqcore.transformer import VQDiffusionTransformer
@@ -105,6 +106,30 @@ def test_fast_mode_with_every_step_is_standard(transformer, scheduler, prompts):
     assert torch.equal(standard, fast)
     few = run(transformer, scheduler, prompts, mode="fast", steps=4)
     assert few.shape == (2, GRID, GRID) and (few < CLASSES - 1).all()
+
+
+def test_last_steps_mode_runs_the_end_of_the_schedule(transformer, scheduler, prompts):
+    assert scheduler.last_timesteps(5) == [4, 3, 2, 1, 0] and scheduler.last_timesteps(1) == [0]
+    assert torch.equal(run(transformer, scheduler, prompts, mode="last_steps", steps=20),
+                       run(transformer, scheduler, prompts, mode="standard"))
+    seen = []
+    few = run(transformer, scheduler, prompts, mode="last_steps", steps=5, callback=lambda i, n, s, x0: seen.append(n))
+    assert seen == [5] * 5 and (few < CLASSES - 1).all()
+    assert not torch.equal(few, run(transformer, scheduler, prompts, mode="fast", steps=5))
+    init = torch.randint(0, CLASSES - 1, (2, GRID, GRID), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(GRID, GRID, dtype=torch.bool)
+    mask[:2] = True
+    inpainted = run(transformer, scheduler, prompts, init_tokens=init, mask=mask, mode="last_steps", steps=8)
+    assert torch.equal(inpainted[:, ~mask], init[:, ~mask])
+
+
+@pytest.mark.parametrize("options, culprit", [
+    (dict(steps=0), "steps"), (dict(steps=21), "steps"), (dict(steps=2.5), "steps"),
+    (dict(steps=4, strength=0.5, init_tokens=torch.zeros(1, GRID, GRID, dtype=torch.long)), "strength"),
+])
+def test_last_steps_mode_bad_options(transformer, scheduler, prompts, options, culprit):
+    with pytest.raises(VQCoreError, match=culprit):
+        run(transformer, scheduler, prompts, mode="last_steps", **options)
 
 
 def test_purity_prior_unmasks_confident_positions_first(scheduler):

@@ -4,6 +4,9 @@ Modes:
 * "standard": every timestep of the schedule, as diffusers' VQDiffusionPipeline (same seed -> same tokens).
 * "fast": `steps` timesteps spread over the whole schedule; each step jumps to the next timestep with the exact
   multi-step posterior. steps = T is "standard".
+* "last_steps": only the last `steps` timesteps of the schedule, steps - 1 down to 0, one timestep at a time, from
+  all [MASK]: what diffusers' VQDiffusionPipeline runs for num_inference_steps = steps (same seed -> same tokens).
+  steps = T is "standard".
 * "purity": the purity prior of Improved VQ-Diffusion (Tang et al. 2022). Each step unmasks as many positions as the
   schedule expects to be unmasked between the two timesteps (masked count times 1 - ctt_prev / ctt_t); which masked
   positions is drawn without replacement with probability proportional to their purity, the largest p(x0) of the
@@ -14,8 +17,9 @@ Modes:
 Guidance runs both branches in one transformer call with the text batch [negative; prompt] (diffusers' layout), and
 combines log p = u + w (c - u), renormalised. Truncation keeps the classes of `truncate` (-70 for the dropped ones).
 
-Token inpainting / img2img: `init_tokens` (B, h, w) are noised to timestep ceil(strength * T) - 1 where `mask` is True
-(everywhere without a mask) and the reverse process runs from there; positions outside the mask are put back after
+Token inpainting / img2img: `init_tokens` (B, h, w) are noised to timestep ceil(strength * T) - 1 (steps - 1 in mode
+"last_steps", which takes no strength) where `mask` is True (everywhere without a mask) and the reverse process runs
+from there; positions outside the mask are put back after
 every step, so they come back exactly as given and the model sees them as context throughout.
 """
 
@@ -27,7 +31,7 @@ from .errors import VQCoreError
 from .scheduler import gumbel_argmax
 from .truncation import check_rate, truncate
 
-MODES = ("standard", "fast", "purity")
+MODES = ("standard", "fast", "last_steps", "purity")
 PRIOR_RULES = ("purity", "uniform")
 LOG_FLOOR = -70.0  # diffusers and the original clamp log-probabilities here instead of log(0)
 
@@ -55,11 +59,15 @@ def sample(transformer, scheduler, prompt_embeds, negative_embeds=None, *, num_i
     if scheduler.num_embed != transformer.num_vector_embeds or transformer.num_timesteps < T:
         raise VQCoreError(f"scheduler ({scheduler.num_embed} classes, {T} steps) does not match the transformer "
                           f"({transformer.num_vector_embeds} classes, {transformer.num_timesteps} timestep embeddings)")
-    start = math.ceil(strength * T) - 1
-    steps = start + 1 if steps is None else steps
-    timesteps = scheduler.timesteps(steps, start)
+    if mode == "last_steps":
+        timesteps = scheduler.last_timesteps(T if steps is None else steps)
+        start = timesteps[0]
+    else:
+        start = math.ceil(strength * T) - 1
+        timesteps = scheduler.timesteps(start + 1 if steps is None else steps, start)
     if mode == "standard" and len(timesteps) != start + 1:
-        raise VQCoreError(f"mode 'standard' runs every timestep ({start + 1}); use mode 'fast' for {steps} steps")
+        raise VQCoreError(f"mode 'standard' runs every timestep ({start + 1}); use mode 'fast' (spread over the "
+                          f"schedule) or 'last_steps' (diffusers' num_inference_steps) for {steps} steps")
     if generator is None and seed is not None:
         generator = torch.Generator(device).manual_seed(int(seed))
 
@@ -103,6 +111,9 @@ def check_options(mode, prior_rule, prior_weight, guidance_scale, strength, num_
         raise VQCoreError(f"guidance_scale must be a finite number; got {guidance_scale!r}")
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
         raise VQCoreError(f"strength must be a number in (0, 1]; got {strength!r}")
+    if mode == "last_steps" and strength != 1:
+        raise VQCoreError(f"mode 'last_steps' starts at timestep steps - 1, so steps alone sets how much of init_tokens "
+                          f"is noised again; strength must be 1, got {strength!r}")
     if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
         raise VQCoreError(f"num_images_per_prompt must be a positive integer; got {num_images_per_prompt!r}")
 

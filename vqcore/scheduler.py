@@ -67,6 +67,11 @@ class VQDiffusionScheduler:
             return [start]
         return [int(v) for v in np.round(np.linspace(start, 0, steps))]
 
+    def last_timesteps(self, steps):
+        """The last `steps` timesteps, steps - 1 down to 0: diffusers' set_timesteps(steps), which does not respace."""
+        self.timesteps(steps)  # checks 1 <= steps <= T
+        return list(range(steps - 1, -1, -1))
+
     def transition_logs(self, t, prev_t):
         """float32 logs of a, b, c of q(x_t | x_prev_t), taken from the single-step tables when prev_t = t - 1."""
         if prev_t == t - 1:
