@@ -27,12 +27,13 @@ def token_usage(indices: torch.Tensor, codebook: int) -> list:
     return entries
 
 
-def tiles(image_hw, tile_px: int, seconds: float, overlap_px: int = 0) -> list:
-    """vqcore_tiles: the tile grid over an image and the mean time per tile."""
+def tiles(image_hw, tile_px: int, seconds: float) -> list:
+    """vqcore_tiles: the tile grid over an image and the mean time per tile (tiles never overlap: each carries
+    the halo its convolutions need instead)."""
     height, width = (int(v) for v in image_hw)
     grid = [max(1, math.ceil(height / tile_px)), max(1, math.ceil(width / tile_px))]
     count = grid[0] * grid[1]
-    return [{"grid": grid, "tile_px": int(tile_px), "overlap_px": int(overlap_px), "image_px": [height, width],
+    return [{"grid": grid, "tile_px": int(tile_px), "image_px": [height, width],
              "ms_per_tile": float(1000 * seconds / count)}]
 
 

@@ -1,22 +1,26 @@
 // Pure logic behind the vqcore node panels: reads the `ui` payload our nodes return and turns it into
-// canvas-independent drawing operations. Nothing here touches the DOM, LiteGraph or the app, so it runs
+// drawing operations in panel coordinates. Nothing here touches the DOM, LiteGraph or the app, so it runs
 // under `node --test`. The payload keys and fields are documented in web/docs/ui_payloads.md.
 
 export const PAYLOAD_KEYS = ["vqcore_tokens", "vqcore_tiles", "vqcore_sampler"];
 
+// The panel's text is drawn in this font; text widths are measured in it (see layoutPanel).
+export const FONT = "12px sans-serif";
 const LINE_HEIGHT = 16;
 const PADDING = 6;
 const HISTOGRAM_HEIGHT = 36;
+// Narrowest histogram: 64 bins keep 2 px bars.
+const MIN_HISTOGRAM_WIDTH = 128;
 const MAX_MAP_HEIGHT = 96;
 const MAX_TILE_GRID_HEIGHT = 80;
-// Average advance of the 12px sans-serif panel font; the layout must not depend on a canvas to measure text.
-const CHAR_WIDTH = 6.6;
-// Drawings wider than this (extreme aspect ratios) shrink with the node instead of widening it further.
+// Average advance of the panel font, for measuring text where no canvas can (tests, workers).
+const CHAR_WIDTH = 7;
+// Drawings of extreme aspect ratios are capped at this width (and drawn lower) instead of widening the node.
 const MAX_DRAWING_WIDTH = 480;
 
+// Text follows the colour palette's foreground; the drawings keep fixed colours on any node background.
 export const COLORS = {
-    text: "#ddd",
-    dim: "#888",
+    text: "var(--fg-color, #ddd)",
     bar: "#6cf",
     barEmpty: "#333",
     frame: "#aaa",
@@ -79,7 +83,6 @@ function isTokenEntry(e) {
 function isTileEntry(e) {
     if (!e || typeof e !== "object") return false;
     if (!isPair(e.grid) || !isPositiveCount(e.tile_px) || !isNumber(e.ms_per_tile) || e.ms_per_tile < 0) return false;
-    if (e.overlap_px !== undefined && !isCount(e.overlap_px)) return false;
     if (e.image_px !== undefined && !isPair(e.image_px)) return false;
     return true;
 }
@@ -106,11 +109,10 @@ function tileSection(entries) {
     const e = firstValidEntry(entries, isTileEntry);
     if (!e) return null;
     const [rows, cols] = e.grid;
-    const overlap = e.overlap_px ? `, overlap ${e.overlap_px} px` : "";
     return {
         lines: [
             `Tiles ${rows}×${cols} = ${rows * cols}${moreSuffix(entries)}`,
-            `${e.tile_px} px tiles${overlap} · ${formatDuration(e.ms_per_tile)}/tile`,
+            `${e.tile_px} px tiles · ${formatDuration(e.ms_per_tile)}/tile`,
         ],
         tiles: { rows, cols, aspect: e.image_px ? e.image_px[1] / e.image_px[0] : cols / rows },
     };
@@ -150,18 +152,19 @@ function histogramOps(histogram, x, y, width) {
     });
 }
 
-function fitBox(aspect, maxWidth, maxHeight) {
-    let w = maxWidth;
-    let h = w / aspect;
-    if (h > maxHeight) {
-        h = maxHeight;
-        w = h * aspect;
+// Largest box of this aspect (width / height) within the drawing limits.
+function drawingBox(aspect, maxHeight) {
+    let h = maxHeight;
+    let w = h * aspect;
+    if (w > MAX_DRAWING_WIDTH) {
+        w = MAX_DRAWING_WIDTH;
+        h = w / aspect;
     }
     return { w, h };
 }
 
-function mapOps(map, x, y, width) {
-    const { w, h } = fitBox(map.cols / map.rows, width, MAX_MAP_HEIGHT);
+function mapOps(map, x, y) {
+    const { w, h } = drawingBox(map.cols / map.rows, MAX_MAP_HEIGHT);
     const cw = w / map.cols;
     const ch = h / map.rows;
     const ops = map.values.map((token, i) => ({
@@ -172,11 +175,11 @@ function mapOps(map, x, y, width) {
         h: ch,
         fill: colorForToken(token, map.codebook),
     }));
-    return { ops, height: h };
+    return { ops, w, h };
 }
 
-function tileGridOps(tiles, x, y, width) {
-    const { w, h } = fitBox(tiles.aspect, width, MAX_TILE_GRID_HEIGHT);
+function tileGridOps(tiles, x, y) {
+    const { w, h } = drawingBox(tiles.aspect, MAX_TILE_GRID_HEIGHT);
     const ops = [];
     for (let r = 0; r < tiles.rows; r++) {
         for (let c = 0; c < tiles.cols; c++) {
@@ -184,43 +187,42 @@ function tileGridOps(tiles, x, y, width) {
             ops.push({ op: "rect", ...cell, fill: COLORS.tile }, { op: "strokeRect", ...cell, stroke: COLORS.frame });
         }
     }
-    return { ops, height: h };
+    return { ops, w, h };
 }
 
-// Narrowest node that shows every line in full and every drawing at its full height, so that the panel's
-// height does not change when the node is widened beyond it.
-export function panelMinWidth(sections) {
-    let widest = 0;
-    for (const section of sections) {
-        for (const line of section.lines) widest = Math.max(widest, line.length * CHAR_WIDTH);
-        if (section.map) widest = Math.max(widest, Math.min(MAX_DRAWING_WIDTH, (MAX_MAP_HEIGHT * section.map.cols) / section.map.rows));
-        if (section.tiles) widest = Math.max(widest, Math.min(MAX_DRAWING_WIDTH, MAX_TILE_GRID_HEIGHT * section.tiles.aspect));
-    }
-    return Math.ceil(widest + 2 * PADDING);
+export function estimateTextWidth(text) {
+    return text.length * CHAR_WIDTH;
 }
 
-// Sections -> {height, minWidth, ops}; ops are in panel coordinates (0,0 = panel top-left), text y is the baseline.
-export function layoutPanel(sections, width) {
-    const inner = Math.max(1, width - 2 * PADDING);
+// Sections -> {width, height, ops}: the panel is sized to its content, ops are in panel coordinates
+// (0,0 = panel top-left; text y is the baseline). `measureText(text)` gives the width of a line in FONT.
+export function layoutPanel(sections, measureText = estimateTextWidth) {
     const ops = [];
+    let inner = 0;
     let y = PADDING;
     for (const section of sections) {
         for (const line of section.lines) {
             y += LINE_HEIGHT;
             ops.push({ op: "text", x: PADDING, y: y - 4, text: line, fill: COLORS.text });
+            inner = Math.max(inner, measureText(line));
         }
         if (section.histogram) {
             y += 2;
-            ops.push(...histogramOps(section.histogram, PADDING, y, inner));
+            ops.push({ op: "histogram", y, values: section.histogram });
+            inner = Math.max(inner, MIN_HISTOGRAM_WIDTH);
             y += HISTOGRAM_HEIGHT;
         }
-        for (const drawing of [section.map && mapOps(section.map, PADDING, y + 4, inner),
-                               section.tiles && tileGridOps(section.tiles, PADDING, y + 4, inner)]) {
+        for (const drawing of [section.map && mapOps(section.map, PADDING, y + 4),
+                               section.tiles && tileGridOps(section.tiles, PADDING, y + 4)]) {
             if (!drawing) continue;
             ops.push(...drawing.ops);
-            y += drawing.height + 4;
+            inner = Math.max(inner, drawing.w);
+            y += drawing.h + 4;
         }
         y += PADDING;
     }
-    return { height: Math.ceil(y), minWidth: panelMinWidth(sections), ops };
+    inner = Math.ceil(inner);
+    // Histograms span the panel's full inner width, known only now.
+    const expanded = ops.flatMap((op) => op.op === "histogram" ? histogramOps(op.values, PADDING, op.y, inner) : [op]);
+    return { width: inner + 2 * PADDING, height: Math.ceil(y), ops: expanded };
 }

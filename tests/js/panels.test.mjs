@@ -8,13 +8,13 @@ import {
     formatDuration,
     formatPercent,
     formatRate,
+    estimateTextWidth,
     layoutPanel,
     panelFromOutput,
-    panelMinWidth,
 } from "../../web/vqcore_panels.js";
 
 const tokens = { grid: [16, 16], used: 87, codebook: 1024, histogram: [5, 0, 12, 3] };
-const tiles = { grid: [2, 3], tile_px: 512, overlap_px: 64, image_px: [1024, 1536], ms_per_tile: 41.25 };
+const tiles = { grid: [2, 3], tile_px: 512, image_px: [1024, 1536], ms_per_tile: 41.25 };
 const sampler = { steps: 25, steps_per_s: 3.4123, mode: "fast" };
 
 test("formatting helpers", () => {
@@ -59,10 +59,10 @@ test("batch of several entries shows the first and says how many more", () => {
 
 test("tile section uses the image aspect for the grid drawing", () => {
     const [section] = panelFromOutput({ vqcore_tiles: [tiles] });
-    assert.deepEqual(section.lines, ["Tiles 2×3 = 6", "512 px tiles, overlap 64 px · 41 ms/tile"]);
+    assert.deepEqual(section.lines, ["Tiles 2×3 = 6", "512 px tiles · 41 ms/tile"]);
     assert.deepEqual(section.tiles, { rows: 2, cols: 3, aspect: 1.5 });
-    const [seamless] = panelFromOutput({ vqcore_tiles: [{ ...tiles, overlap_px: 0 }] });
-    assert.equal(seamless.lines[1], "512 px tiles · 41 ms/tile");
+    const [square] = panelFromOutput({ vqcore_tiles: [{ ...tiles, image_px: undefined }] });
+    assert.equal(square.tiles.aspect, 1.5, "without image_px the grid's own shape");
 });
 
 test("sampler section", () => {
@@ -91,65 +91,78 @@ test("malformed entries are ignored rather than thrown on", () => {
     assert.equal(panelFromOutput({ vqcore_tokens: [null], vqcore_sampler: [sampler] }).length, 1);
 });
 
-test("layout: histogram bars scale to the largest count and stay inside the panel", () => {
+// Every op lies inside the panel box.
+function assertInside(layout) {
+    for (const op of layout.ops) {
+        assert.ok(op.x >= 0 && op.y >= 0 && op.y <= layout.height, JSON.stringify(op));
+        if (op.w !== undefined) {
+            assert.ok(op.x + op.w <= layout.width + 1e-9 && op.y + op.h <= layout.height + 1e-9, JSON.stringify(op));
+        }
+    }
+}
+
+test("layout: histogram bars scale to the largest count and span the panel", () => {
     const sections = panelFromOutput({ vqcore_tokens: [tokens] });
-    const { height, ops } = layoutPanel(sections, 200);
-    const bars = ops.filter((o) => o.op === "rect");
+    const layout = layoutPanel(sections);
+    const bars = layout.ops.filter((o) => o.op === "rect");
     assert.equal(bars.length, 4);
     const tallest = Math.max(...bars.map((b) => b.h));
     assert.equal(bars[2].h, tallest);                 // count 12 is the maximum
     assert.equal(bars[1].h, 1);                       // empty bin keeps a 1 px mark
     assert.notEqual(bars[1].fill, bars[0].fill);      // and is drawn in the "empty" colour
-    for (const op of ops) {
-        assert.ok(op.x >= 0 && op.y >= 0 && op.y <= height, JSON.stringify(op));
-        if (op.op === "rect") assert.ok(op.x + op.w <= 200 + 1e-9);
-    }
-    assert.deepEqual(ops.filter((o) => o.op === "text").map((o) => o.text), sections[0].lines);
+    assert.equal(bars[0].x, 6);
+    assert.ok(Math.abs(bars[3].x + bars[3].w + 1 - (layout.width - 6)) < 1e-9, "last bar ends at the padding");
+    assertInside(layout);
+    assert.deepEqual(layout.ops.filter((o) => o.op === "text").map((o) => o.text), sections[0].lines);
 });
 
 test("layout: token map cells cover the map box row-major", () => {
     const map = [0, 1, 2, 3, 4, 5];
     const sections = panelFromOutput({ vqcore_tokens: [{ ...tokens, histogram: undefined, map, map_grid: [2, 3] }] });
-    const cells = layoutPanel(sections, 300).ops.filter((o) => o.op === "rect");
+    const layout = layoutPanel(sections);
+    const cells = layout.ops.filter((o) => o.op === "rect");
     assert.equal(cells.length, 6);
     assert.equal(cells[1].x - cells[0].x, cells[0].w);   // same row, next column
     assert.equal(cells[3].x, cells[0].x);                // second row starts at the left
     assert.equal(cells[3].y - cells[0].y, cells[0].h);
+    assert.equal(cells[0].h * 2, 96, "drawn at full height");
     assert.equal(cells[4].fill, colorForToken(4, 1024));
+    assertInside(layout);
 });
 
 test("layout: tile grid keeps the image aspect and has one cell per tile", () => {
-    const sections = panelFromOutput({ vqcore_tiles: [tiles] });
-    const ops = layoutPanel(sections, 400).ops;
-    const frames = ops.filter((o) => o.op === "strokeRect");
+    const layout = layoutPanel(panelFromOutput({ vqcore_tiles: [tiles] }));
+    const frames = layout.ops.filter((o) => o.op === "strokeRect");
     assert.equal(frames.length, 6);
     const width = frames[2].x + frames[2].w - frames[0].x;
     const height = frames[5].y + frames[5].h - frames[0].y;
     assert.ok(Math.abs(width / height - 1.5) < 1e-9);
-    assert.ok(height <= 80);
+    assert.equal(height, 80);
+    assertInside(layout);
+});
+
+test("layout: extreme aspect ratios are capped in width and drawn lower", () => {
+    const wide = layoutPanel(panelFromOutput({ vqcore_tiles: [{ ...tiles, image_px: [512, 8192] }] }));
+    assert.equal(wide.width, 480 + 12);
+    const frames = wide.ops.filter((o) => o.op === "strokeRect");
+    assert.ok(Math.abs(frames[0].h * 2 - 480 / 16) < 1e-9);
+    assertInside(wide);
 });
 
 test("layout: panel height grows with each section", () => {
-    const one = layoutPanel(panelFromOutput({ vqcore_sampler: [sampler] }), 200).height;
-    const two = layoutPanel(panelFromOutput({ vqcore_sampler: [sampler], vqcore_tiles: [tiles] }), 200).height;
+    const one = layoutPanel(panelFromOutput({ vqcore_sampler: [sampler] })).height;
+    const two = layoutPanel(panelFromOutput({ vqcore_sampler: [sampler], vqcore_tiles: [tiles] })).height;
     assert.ok(one > 0 && two > one);
 });
 
-test("minimum width fits the longest line and keeps drawings at full height", () => {
-    const sampled = panelFromOutput({ vqcore_sampler: [sampler] });
-    const textOnly = panelMinWidth(sampled);
-    assert.ok(textOnly > sampled[0].lines[0].length * 5 && textOnly < sampled[0].lines[0].length * 9);
-
-    const wide = panelFromOutput({ vqcore_tiles: [{ ...tiles, image_px: [512, 2048] }] });
-    const min = panelMinWidth(wide);
-    assert.ok(min >= 80 * 4, "the tile grid is drawn at its full height");
-    assert.equal(layoutPanel(wide, min).height, layoutPanel(wide, min + 300).height);
-    assert.equal(layoutPanel(wide, min).minWidth, min);
-    const extreme = panelFromOutput({ vqcore_tiles: [{ ...tiles, image_px: [512, 8192] }] });
-    assert.ok(panelMinWidth(extreme) <= 480 + 12, "extreme aspect ratios are capped");
-
-    const map = panelFromOutput({ vqcore_tokens: [{ ...tokens, map: new Array(8).fill(1), map_grid: [2, 4] }] });
-    const mapMin = panelMinWidth(map);
-    assert.equal(layoutPanel(map, mapMin).height, layoutPanel(map, mapMin + 200).height);
-    assert.ok(layoutPanel(map, mapMin - 100).height < layoutPanel(map, mapMin).height);
+test("layout: the panel is as wide as its widest content, measured in the panel font", () => {
+    const sections = panelFromOutput({ vqcore_sampler: [sampler] });
+    const line = sections[0].lines[0];
+    assert.equal(layoutPanel(sections).width, Math.ceil(estimateTextWidth(line)) + 12);
+    const measured = layoutPanel(sections, (text) => text.length * 10);
+    assert.equal(measured.width, line.length * 10 + 12);
+    assertInside(measured);
+    // a histogram keeps 2 px per bin even under a short line
+    const narrow = layoutPanel(panelFromOutput({ vqcore_tokens: [tokens] }), () => 10);
+    assert.equal(narrow.width, 128 + 12);
 });
