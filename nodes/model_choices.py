@@ -5,9 +5,9 @@ with a folder tag: "checkpoints:sd15.safetensors" (VAE inside a full checkpoint)
 (a diffusers model or pipeline folder). ":" cannot occur in a file name on Windows, so tags never collide with one.
 """
 
-import json
 from pathlib import Path
 
+from ..vqcore.checkpoint import read_json
 from ..vqcore.errors import VQCoreError
 from . import host
 
@@ -20,13 +20,13 @@ def folder_kinds(path) -> set:
     path = Path(path)
     try:
         if (path / "model_index.json").is_file():
-            index = json.loads((path / "model_index.json").read_text())
+            index = read_json(path / "model_index.json")
             kinds = {VQ if name == "vqvae" else KL for name in ("vqvae", "vae") if name in index or (path / name).is_dir()}
             if index.get("_class_name") == VQ_DIFFUSION or {"transformer", "vqvae"} <= set(index):
                 kinds.add(VQ_DIFFUSION)
             return kinds
-        return {json.loads((path / "config.json").read_text()).get("_class_name")}
-    except (OSError, ValueError, AttributeError):
+        return {read_json(path / "config.json").get("_class_name")}
+    except VQCoreError:
         return set()  # unreadable folders are not offered; loading them by name reports the real problem
 
 

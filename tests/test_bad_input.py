@@ -105,14 +105,14 @@ def test_text_encoder_file_given_to_vae_loader(tmp_path):
 def test_missing_keys_are_named(vq_file, tmp_path):
     path = rewritten(vq_file, tmp_path / "missing.safetensors",
                      lambda state: {k: v for k, v in state.items() if k != "decoder.up.0.block.1.conv2.bias"})
-    with pytest.raises(CheckpointError, match=r"missing\.safetensors.*missing keys \(1\): decoder\.up_blocks\.2\.resnets\.1\.conv2\.bias"):
+    with pytest.raises(CheckpointError, match=r"missing\.safetensors.*missing keys \(1\): decoder\.up\.0\.block\.1\.conv2\.bias"):
         load_vqmodel(path, device="cpu")
 
 
 def test_extra_keys_are_named(vq_file, tmp_path):
     path = rewritten(vq_file, tmp_path / "extra.safetensors",
                      lambda state: {**state, "encoder.down.0.block.0.time_emb_proj.weight": torch.zeros(32, 8)})
-    with pytest.raises(CheckpointError, match=r"extra\.safetensors.*unexpected keys \(1\): encoder\.down_blocks\.0\.resnets\.0\.time_emb_proj\.weight"):
+    with pytest.raises(CheckpointError, match=r"extra\.safetensors.*unexpected keys \(1\): encoder\.down\.0\.block\.0\.time_emb_proj\.weight"):
         load_vqmodel(path, device="cpu")
 
 
@@ -136,7 +136,7 @@ def test_nan_input(vq):
 
 @pytest.mark.parametrize("call, message", [
     (lambda m: m.decode(torch.zeros(1, 5, 4, 4)), "(batch, 4, height, width)"),
-    (lambda m: m.decode_indices(torch.full((1, 4, 4), 16)), "[0, 16)"),
+    (lambda m: m.decode_indices(torch.full((1, 4, 4), 16)), "16 entries"),
     (lambda m: m.decode_indices(torch.zeros(1, 4, 4)), "integer"),
 ], ids=["latent channels", "index out of range", "float indices"])
 def test_bad_latents_and_indices(vq, call, message):
@@ -175,12 +175,13 @@ def test_integer_weights_are_named(tmp_path, vq_file):
         load_vqmodel(path, device="cpu")
 
 
-def test_config_error_from_shapes_names_the_file(tmp_path, vq_file):
-    def narrow(state):  # the first level 24 channels wide, which 32 GroupNorm groups cannot divide
+def test_widths_not_multiples_of_32_ask_for_the_group_count(tmp_path, vq_file):
+    def narrow(state):  # the first level 24 channels wide, which the conventional 32 GroupNorm groups cannot divide
         return {k: v[:24] if k.startswith("encoder.down.0.block.0.conv1.") else v for k, v in state.items()}
 
     path = rewritten(vq_file, tmp_path / "narrow.safetensors", narrow)
-    with pytest.raises(CheckpointError, match=r"narrow\.safetensors: block_out_channels \[24, 32, 64\]"):
+    with pytest.raises(CheckpointError, match=r"narrow\.safetensors: the widths \[24, 32, 64\] are not multiples of 32"
+                                              r".*config=\{'norm_num_groups': N\}.*beside the weight file"):
         load_vqmodel(path, device="cpu")
 
 
@@ -201,3 +202,115 @@ def test_file_holding_one_bare_tensor(tmp_path):
     torch.save(torch.zeros(3, 4), tmp_path / "bare.pt")
     with pytest.raises(CheckpointError, match=r"bare\.pt: holds a single tensor \(3, 4\), not named weights"):
         load_autoencoder(tmp_path / "bare.pt", device="cpu")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Damaged weights, misleading layouts and file kinds: the error names the file's own tensor
+
+
+@pytest.mark.parametrize("key, value", [("decoder.up.1.block.0.conv1.weight", float("nan")),
+                                        ("quantize.embedding.weight", float("nan")),
+                                        ("encoder.mid.attn_1.q.weight", float("inf"))],
+                         ids=["NaN weight", "NaN codebook entry", "inf weight"])
+def test_non_finite_weight_is_named(vq_file, tmp_path, key, value):
+    def damage(state):
+        state[key] = state[key].clone()
+        state[key].view(-1)[3] = value
+        return state
+
+    path = rewritten(vq_file, tmp_path / "damaged.safetensors", damage)
+    with pytest.raises(CheckpointError, match=rf"damaged\.safetensors: weight {re.escape(key)} holds "
+                                              rf"{int(value != value)} NaN and {int(value == float('inf'))} infinite"):
+        load_vqmodel(path, device="cpu")
+
+
+def test_weight_that_overflows_half_precision_is_named(vq_file, tmp_path):
+    path = rewritten(vq_file, tmp_path / "large.safetensors",
+                     lambda state: {**state, "post_quant_conv.bias": torch.full((4,), 1e6)})
+    assert load_vqmodel(path, device="cpu").post_quant_conv.bias.max() == 1e6
+    with pytest.raises(CheckpointError, match=r"large\.safetensors: weight post_quant_conv\.bias overflows torch\.float16"):
+        load_vqmodel(path, device="cpu", dtype="fp16")
+
+
+def test_transposed_decoder_conv_in_is_blamed_on_itself(vq_file, tmp_path):
+    path = rewritten(vq_file, tmp_path / "transposed.safetensors", lambda state: {
+        **state, "decoder.conv_in.weight": state["decoder.conv_in.weight"].transpose(0, 1).contiguous()})
+    with pytest.raises(CheckpointError, match=r"shape mismatches \(1\): decoder\.conv_in\.weight \(file \(4, 64, 3, 3\), "
+                                              r"model \(64, 4, 3, 3\)\)") as error:
+        load_vqmodel(path, device="cpu")
+    assert "encoder.conv_out" not in str(error.value)
+
+
+def test_transposed_decoder_conv_in_of_a_kl_file_without_quant_convs(tmp_path):
+    torch.manual_seed(0)
+    state = to_ldm_names(AutoencoderKL(block_out_channels=[32, 64], down_block_types=[D, D], up_block_types=[U, U],
+                                       latent_channels=16, use_quant_conv=False, use_post_quant_conv=False).state_dict())
+    state["decoder.conv_in.weight"] = state["decoder.conv_in.weight"].transpose(0, 1)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "ae.safetensors")
+    with pytest.raises(CheckpointError, match=r"ae\.safetensors.*shape mismatches \(1\): decoder\.conv_in\.weight"):
+        load_autoencoder(tmp_path / "ae.safetensors", device="cpu")
+
+
+def test_messages_use_the_files_prefix_and_names(vq_file, tmp_path):
+    state = {f"first_stage_model.{k}": v for k, v in load_file(vq_file).items() if k != "decoder.mid.attn_1.q.bias"}
+    state["first_stage_model.encoder.down.1.block.0.conv2.bias"] = torch.zeros(7)
+    save_file(state, tmp_path / "full.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): first_stage_model\.decoder\.mid\.attn_1\.q\.bias; "
+                                              r"shape mismatches \(1\): first_stage_model\.encoder\.down\.1\.block\.0\.conv2\.bias"):
+        load_vqmodel(tmp_path / "full.safetensors", device="cpu")
+
+
+def test_folder_config_without_architecture_fields(vq_file, tmp_path):
+    folder = tmp_path / "vqvae"
+    folder.mkdir()
+    state = VQModel.from_config({"block_out_channels": [32, 32, 64], "down_block_types": [D, D, AD],
+                                 "up_block_types": [AU, U, U], "latent_channels": 4, "num_vq_embeddings": 16}).state_dict()
+    save_file(state, folder / "diffusion_pytorch_model.safetensors")
+    (folder / "config.json").write_text('{"_class_name": "VQModel", "scaling_factor": 1.0}')
+    with pytest.raises(CheckpointError, match=r"vqvae/config\.json: \w+ \(not set; VQModel's default\) gives \w+ = .*"
+                                              r"but the weights of .*vqvae say") as error:
+        load_vqmodel(folder, device="cpu")
+    assert "unexpected keys" not in str(error.value)
+
+
+def test_kl_and_vq_autoencoders_in_one_file(vq_file, tmp_path):
+    torch.manual_seed(1)
+    kl = to_ldm_names(AutoencoderKL(block_out_channels=[32, 64], down_block_types=[D, D], up_block_types=[U, U]).state_dict())
+    both = {**{f"vae.{k}": v.contiguous() for k, v in kl.items()}, **{f"vqvae.{k}": v for k, v in load_file(vq_file).items()}}
+    save_file(both, tmp_path / "both.safetensors")
+    with pytest.raises(CheckpointError, match=r"both\.safetensors: holds two autoencoders, a KL autoencoder under 'vae\.' "
+                                              r"and a VQ autoencoder under 'vqvae\.'; load it with the VQ loader"):
+        load_autoencoder(tmp_path / "both.safetensors", device="cpu")
+    assert load_vqmodel(tmp_path / "both.safetensors", device="cpu").num_embeddings == 16  # the loader says which
+    assert load_autoencoder_kl(tmp_path / "both.safetensors", device="cpu").config["latent_channels"] == 4
+
+
+def test_pickle_under_a_safetensors_name(vq_file, tmp_path):
+    torch.save(load_file(vq_file), tmp_path / "pickled.safetensors")
+    with pytest.raises(CheckpointError, match=r"pickled\.safetensors: this is a pickle file \(torch\.save\), not safetensors"):
+        load_vqmodel(tmp_path / "pickled.safetensors", device="cpu")
+    (tmp_path / "pickled.safetensors").rename(tmp_path / "pickled.ckpt")
+    assert load_vqmodel(tmp_path / "pickled.ckpt", device="cpu").num_embeddings == 16
+
+
+def test_refusal_of_a_code_running_pickle_is_in_our_words_only(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"encoder.conv_in.weight": torch.zeros(1), "payload": CreatesMarkerFile(tmp_path / "marker")}, path)
+    with pytest.raises(CheckpointError) as error:
+        load_autoencoder(path, device="cpu")
+    message = str(error.value)
+    assert message.startswith(f"{path}: refused to load: the file may run code when loaded")
+    for torch_words in ("weights_only", "likely succeed", "GLOBAL", "torch.serialization", "trust"):
+        assert torch_words not in message
+    assert error.value.__cause__ is None and error.value.__suppress_context__  # nor in the traceback
+
+
+def test_not_a_torch_file_under_a_pickle_name(tmp_path):
+    (tmp_path / "notes.ckpt").write_text("just some text, not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"notes\.ckpt: not a readable checkpoint .*neither like safetensors nor"):
+        load_autoencoder(tmp_path / "notes.ckpt", device="cpu")
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match=r"gone\.safetensors: no such file"):
+        load_vqmodel(tmp_path / "gone.safetensors", device="cpu")

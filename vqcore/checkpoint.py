@@ -1,7 +1,7 @@
-"""Reading weight files safely: safetensors, or torch pickles through `torch.load(weights_only=True)` only.
+"""Reading files: weights (safetensors, or torch pickles through `torch.load(weights_only=True)` only), JSON and YAML.
 
 Every failure becomes a CheckpointError that names the file, so a damaged download or a file of the wrong kind is
-reported as such instead of as a stack trace from deep inside torch.
+reported as such instead of as a stack trace from deep inside torch. All of vqcore's file reading goes through here.
 """
 
 import json
@@ -10,28 +10,19 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from .errors import CheckpointError
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 # Training checkpoints wrap the weights: LDM/SD ".ckpt" in "state_dict", taming/VQ-Diffusion ".pth" in "model".
 WRAPPER_KEYS = ("state_dict", "model", "module")
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
+PICKLE_PROTOCOLS = range(2, 6)  # legacy torch.save: a bare pickle stream, b"\x80" then the protocol number
 
 
-def is_safetensors(path: Path) -> bool:
-    """Sniffs the header (8-byte little-endian length, then a JSON object) instead of trusting the file name."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if len(head) < 9:
-        return path.suffix in SAFETENSORS_SUFFIXES
-    (header_len,) = struct.unpack("<Q", head[:8])
-    return head[8:9] == b"{" and 2 <= header_len <= path.stat().st_size - 8
-
-
-def read_raw(path, device="cpu"):
-    """Returns the object stored in a weight file (usually a dict of tensors, possibly nested)."""
+def weight_file(path) -> Path:
+    """The path of an existing, non-empty weight file; the one place that checks."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, not a weight file")
@@ -39,21 +30,75 @@ def read_raw(path, device="cpu"):
         raise CheckpointError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty")
-    device = str(device)
-    if is_safetensors(path):
-        try:
-            return load_file(path, device=device)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+    return path
+
+
+def file_format(path: Path) -> str:
+    """"safetensors", "pickle" or "unknown", from the first bytes instead of the file name."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head.startswith(ZIP_MAGIC) or (len(head) >= 2 and head[0] == 0x80 and head[1] in PICKLE_PROTOCOLS):
+        return "pickle"
+    if len(head) == 9:
+        (header_len,) = struct.unpack("<Q", head[:8])  # safetensors: 8-byte little-endian length, then JSON
+        if head[8:9] == b"{" and 2 <= header_len <= path.stat().st_size - 8:
+            return "safetensors"
+    return "unknown"
+
+
+def read_state_dict(path, device="cpu", select=None) -> dict:
+    """A weight file's tensors as a flat {name: tensor} dict on `device`.
+
+    `select(names) -> names` picks which tensors to read from all the file's names (which it thereby also sees): a
+    safetensors file is opened lazily and reads only those (the VAE of a full checkpoint, not its UNet); a pickle is
+    parsed whole on the CPU and only the selected tensors are moved.
+    """
+    path = weight_file(path)
+    kind = file_format(path)
+    if kind == "safetensors":
+        return _read_safetensors(path, device, select)
+    if kind == "unknown":
+        what = "safetensors file" if path.suffix.lower() in SAFETENSORS_SUFFIXES else "checkpoint"
+        raise CheckpointError(f"{path}: not a readable {what} (truncated, corrupt or not a weight file): it starts "
+                              f"neither like safetensors nor like a torch.save pickle")
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        # A safetensors name promises a file that cannot run code; a pickle under that name is not opened.
+        raise CheckpointError(f"{path}: this is a pickle file (torch.save), not safetensors. Convert it to "
+                              f"safetensors, or give it a .ckpt/.pt name if you trust its source.")
+    state = unwrap_state_dict(_read_pickle(path), path)
+    names = list(state) if select is None else select(list(state))
+    return {name: state[name].to(device) for name in names}
+
+
+def _read_safetensors(path, device, select):
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        with safe_open(str(path), framework="pt", device=_safetensors_device(device)) as f:
+            names = list(f.keys())
+            return {name: f.get_tensor(name) for name in (names if select is None else select(names))}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
+def _safetensors_device(device):
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
+def _read_pickle(path):
+    try:
+        # An open file, not the path: torch.load hands paths with a safetensors-like name to safetensors.
+        with open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's own text advises loading with weights_only=False, the one thing to avoid with this file.
         raise CheckpointError(
-            f"{path}: refused to load: the pickle holds objects other than tensors and plain containers, and "
-            f"unpickling them could run code. Convert the file to safetensors with the tool that made it. ({e})"
-        ) from e
-    except (RuntimeError, EOFError, ValueError, OSError, UnicodeDecodeError, SafetensorError) as e:
-        # torch.load hands files it does not recognise to safetensors, hence SafetensorError here too
+            f"{path}: refused to load: the file may run code when loaded (it is a pickle holding Python objects "
+            f"other than tensors and plain containers). Use a safetensors version of the model, or convert the file "
+            f"to safetensors with the tool that made it."
+        ) from None
+    except Exception as e:  # a damaged pickle fails in many ways (struct.error, EOFError, RuntimeError, ...)
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated, corrupt or not a weight file): {e}") from e
 
 
@@ -71,11 +116,6 @@ def unwrap_state_dict(obj, path):
     if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: holds no tensors (found {type(obj).__name__}); not a model weight file")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def read_state_dict(path, device="cpu") -> dict:
-    """Reads a single weight file into a flat {name: tensor} dict on `device`."""
-    return unwrap_state_dict(read_raw(path, device), path)
 
 
 def find_weights(folder, stems=("diffusion_pytorch_model",), variant=None) -> list:
@@ -96,10 +136,9 @@ def find_weights(folder, stems=("diffusion_pytorch_model",), variant=None) -> li
                 # diffusers and transformers put the variant after ".index": x.safetensors.index.fp16.json
                 index = folder / f"{stem}{suffix}.index{'.' + var if var else ''}.json"
                 if index.is_file():
-                    try:
-                        weight_map = json.loads(index.read_text())["weight_map"]
-                    except (ValueError, KeyError) as e:
-                        raise CheckpointError(f"{index}: not a valid shard index: {e}") from e
+                    weight_map = read_json(index).get("weight_map")
+                    if not isinstance(weight_map, dict):
+                        raise CheckpointError(f"{index}: not a valid shard index: no weight_map")
                     return [folder / shard for shard in sorted(set(weight_map.values()))]
     wanted = ", ".join(f"{s}{'.' + variant if variant else ''}.safetensors|.bin" for s in stems)
     raise CheckpointError(f"{folder}: no weight file found (looked for {wanted})")
@@ -112,11 +151,40 @@ def read_folder_state_dict(folder, stems=("diffusion_pytorch_model",), variant=N
     return state
 
 
-def read_config(folder) -> dict:
-    path = Path(folder) / "config.json"
+def read_json(path) -> dict:
+    """A JSON file holding an object."""
+    path = Path(path)
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
-        raise CheckpointError(f"{folder}: no config.json; not a diffusers model folder") from e
-    except ValueError as e:
+        raise CheckpointError(f"{path}: no such file") from e
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(data).__name__}, not an object of fields")
+    return data
+
+
+def read_yaml(path) -> dict:
+    """A YAML file holding a mapping (taming / LDM model configs). PyYAML comes with transformers, which requires
+    it, so it is no extra dependency."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: no such file") from e
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: holds a YAML {type(data).__name__}, not a mapping of fields")
+    return data
+
+
+def read_config(folder) -> dict:
+    """A diffusers component folder's config.json."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no config.json; not a diffusers model folder")
+    return read_json(path)

@@ -12,6 +12,7 @@ import torch
 
 from .checkpoint import read_config, read_folder_state_dict
 from .errors import CheckpointError, VQCoreError
+from .loading import check_finite, check_keys
 
 log = logging.getLogger(__name__)
 MAX_LENGTH = 77
@@ -38,21 +39,26 @@ def load_tokenizer(folder):
 
 def load_text_model(folder, device="cpu", dtype=None, variant=None):
     """CLIPTextModel from a diffusers text_encoder/ folder; accepts the transformers-4 (`text_model.`) and
-    transformers-5 key names."""
+    transformers-5 key names. Checked like every other model (vqcore.loading): exact keys and shapes, floating
+    point, no NaN/inf."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     folder = Path(folder)
     config = {k: v for k, v in read_config(folder).items()
               if k not in ("architectures", "transformers_version", "torch_dtype", "dtype")}
-    model = CLIPTextModel(CLIPTextConfig(**config))
-    state = read_folder_state_dict(folder, WEIGHT_STEMS, variant)
+    try:
+        model = CLIPTextModel(CLIPTextConfig(**config))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder / 'config.json'}: not a CLIP text encoder config: {e}") from e
+    file_state = read_folder_state_dict(folder, WEIGHT_STEMS, variant)
     own = model.state_dict()
     prefix = next(iter(own)).split("embeddings.")[0]  # "text_model." under transformers 4, "" under 5
-    state = {prefix + k.removeprefix("text_model."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.endswith("position_ids") or k in own}
-    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-    if missing or unexpected:
-        raise CheckpointError(f"{folder}: not a CLIP text encoder for its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    file_names = {prefix + k.removeprefix("text_model."): k for k in file_state}
+    state = {name: file_state[k] for name, k in file_names.items() if not name.endswith("position_ids") or name in own}
+    check_keys({k: tuple(v.shape) for k, v in own.items()}, state, "CLIPTextModel", folder,
+               lambda name: file_names.get(name, name))
+    state = {k: v.to(dtype or torch.float32) for k, v in state.items()}
+    check_finite(state, folder, lambda name: file_names.get(name, name))
     model.load_state_dict(state)
     return model.to(device=device, dtype=dtype or torch.float32).eval()
 

@@ -11,9 +11,13 @@ Shapes cannot tell SD1/SD2/SDXL apart, nor SD3 from Flux; those differ only in l
 from the family table below (chosen by the caller, or guessed from the file name / surrounding checkpoint keys).
 """
 
+import logging
 import re
+from collections import Counter
 
 from .errors import CheckpointError
+
+log = logging.getLogger("vqcore")
 
 VAE_ROOTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.")
 # Tried in this order when several prefixes hold a VAE (e.g. an EMA copy beside the real one).
@@ -26,27 +30,37 @@ TRAINING_ONLY_KEYS = re.compile(
 SPATIAL_NORM_CHILDREN = ("norm_layer", "conv_y", "conv_b")
 LDM_ATTENTION_NAMES = {"q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 OLD_DIFFUSERS_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+KIND_NAMES = {"vq": "a VQ autoencoder", "kl": "a KL autoencoder"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1. Finding the VAE keys
 
 
-def select_vae_keys(keys, source) -> dict:
+def select_vae_keys(keys, source, kind=None) -> dict:
     """Maps the file's key names that belong to the VAE to the names without their prefix.
 
-    Raises CheckpointError saying what the file looks like when it holds no VAE.
+    A file holding autoencoders under several prefixes: `kind` ("vq" or "kl", the loader's) picks one; without it,
+    a VQ and a KL autoencoder side by side are an error that asks which (two of one kind: the first prefix of
+    KNOWN_PREFIXES, e.g. the real VAE rather than a copy). Raises CheckpointError saying what the file looks like
+    when it holds no VAE.
     """
     keys = list(keys)
     key_set = set(keys)
-    prefixes = [p for p in KNOWN_PREFIXES if f"{p}encoder.conv_in.weight" in key_set or f"{p}decoder.conv_in.weight" in key_set]
-    if not prefixes:  # an unusual wrapper name: accept any dotted prefix in front of the VAE's first conv
-        prefixes = sorted(
-            {k[: -len(root)] for k in keys for root in ("encoder.conv_in.weight", "decoder.conv_in.weight") if k.endswith("." + root)},
-            key=len,
-        )
+    prefixes = vae_prefixes(keys)
     if not prefixes:
         raise CheckpointError(f"{source}: no VAE weights found; the file looks like {describe_checkpoint(keys)}")
+    kinds = {p: "vq" if {f"{p}quantize.embedding.weight", f"{p}quantize.embedding"} & key_set else "kl" for p in prefixes}
+    if kind is not None and any(kinds[p] == kind for p in prefixes):
+        prefixes = [p for p in prefixes if kinds[p] == kind]
+    elif len(set(kinds.values())) > 1:
+        found = " and ".join(f"{KIND_NAMES[k]} {_prefix_words(p)}" for k, p in
+                             ((k, next(p for p in prefixes if kinds[p] == k)) for k in ("kl", "vq")))
+        raise CheckpointError(f"{source}: holds two autoencoders, {found}; load it with the VQ loader "
+                              f"(load_vqmodel) or the KL loader (load_autoencoder_kl) to say which")
+    if len(prefixes) > 1:
+        log.info("%s: autoencoder weights %s; using those %s", source,
+                 ", ".join(_prefix_words(p) for p in prefixes), _prefix_words(prefixes[0]))
     prefix = prefixes[0]
     selected = {}
     for key in keys:
@@ -56,6 +70,18 @@ def select_vae_keys(keys, source) -> dict:
         if name.startswith(VAE_ROOTS) and not TRAINING_ONLY_KEYS.fullmatch(name):
             selected[key] = name
     return selected
+
+
+def vae_prefixes(keys) -> list:
+    """The prefixes in front of a VAE's first conv, known ones first (in KNOWN_PREFIXES order), then by length."""
+    found = {key[: -len(root)] for key in keys for root in ("encoder.conv_in.weight", "decoder.conv_in.weight")
+             if key == root or key.endswith("." + root)}
+    known = [p for p in KNOWN_PREFIXES if p in found]
+    return known + sorted(found - set(known), key=lambda p: (len(p), p))
+
+
+def _prefix_words(prefix):
+    return f"under {prefix!r}" if prefix else "at the top level"
 
 
 def describe_checkpoint(keys) -> str:
@@ -178,29 +204,53 @@ def to_ldm_names(state: dict) -> dict:
     levels = _levels(state, r"decoder\.up_blocks\.(\d+)\.")
     out = {}
     for key, tensor in state.items():
-        name = key
-        if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(.+)", key):
-            name = f"{m[1]}.mid.block_{int(m[2]) + 1}.{_ldm_resnet_part(m[3])}"
-        elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)", key):
-            name = f"{m[1]}.mid.attn_1.{_ldm_attention_part(m[2])}"
-        elif m := re.fullmatch(r"(encoder|decoder)\.conv_norm_out\.(.+)", key):
-            name = f"{m[1]}.norm_out.{m[2]}"
-        elif m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-            name = f"encoder.down.{m[1]}.block.{m[2]}.{_ldm_resnet_part(m[3])}"
-        elif m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", key):
-            name = f"encoder.down.{m[1]}.attn.{m[2]}.{_ldm_attention_part(m[3])}"
-        elif m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
-            name = f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
-        elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-            name = f"decoder.up.{levels - 1 - int(m[1])}.block.{m[2]}.{_ldm_resnet_part(m[3])}"
-        elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", key):
-            name = f"decoder.up.{levels - 1 - int(m[1])}.attn.{m[2]}.{_ldm_attention_part(m[3])}"
-        elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
-            name = f"decoder.up.{levels - 1 - int(m[1])}.upsample.conv.{m[2]}"
+        name = ldm_key(key, levels)
         if re.search(r"\.attn(_1|\.\d+)\.(q|k|v|proj_out)\.weight$", name) and tensor.ndim == 2:
             tensor = tensor[:, :, None, None]
         out[name] = tensor
     return out
+
+
+def ldm_key(key, decoder_levels) -> str:
+    """One diffusers key's LDM/taming name (decoder_levels: the number of decoder up blocks)."""
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(.+)", key):
+        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{_ldm_resnet_part(m[3])}"
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)", key):
+        return f"{m[1]}.mid.attn_1.{_ldm_attention_part(m[2])}"
+    if m := re.fullmatch(r"(encoder|decoder)\.conv_norm_out\.(.+)", key):
+        return f"{m[1]}.norm_out.{m[2]}"
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        return f"encoder.down.{m[1]}.block.{m[2]}.{_ldm_resnet_part(m[3])}"
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", key):
+        return f"encoder.down.{m[1]}.attn.{m[2]}.{_ldm_attention_part(m[3])}"
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        return f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        return f"decoder.up.{decoder_levels - 1 - int(m[1])}.block.{m[2]}.{_ldm_resnet_part(m[3])}"
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", key):
+        return f"decoder.up.{decoder_levels - 1 - int(m[1])}.attn.{m[2]}.{_ldm_attention_part(m[3])}"
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        return f"decoder.up.{decoder_levels - 1 - int(m[1])}.upsample.conv.{m[2]}"
+    return key
+
+
+def file_key_names(selected: dict):
+    """name(diffusers key) -> the key as the user's file spells it, for messages: `selected` is select_vae_keys'
+    {file key: name without prefix}. Keys the file lacks are spelt in the file's layout (LDM or diffusers) with its
+    prefix."""
+    stripped = list(selected.values())
+    decoder_levels = _levels(stripped, r"decoder\.up\.(\d+)\.")
+    back = {_ldm_key_to_diffusers(name, decoder_levels): key for key, name in selected.items()}
+    prefix = next((key[: -len(name)] for key, name in selected.items()), "")
+    ldm_layout = any(re.match(r"(encoder\.(down|mid)|decoder\.(up|mid))\.", name) for name in stripped)
+    levels = decoder_levels or _levels(back, r"decoder\.up_blocks\.(\d+)\.")
+
+    def name(key):
+        if key in back:
+            return back[key]
+        return prefix + (ldm_key(key, levels) if ldm_layout else key)
+
+    return name
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,29 +263,47 @@ def model_kind(state: dict) -> str:
 
 
 def infer_config(state: dict, source) -> dict:
-    """A diffusers-style config (VQModel or AutoencoderKL field names) read off the tensor shapes.
+    """A diffusers-style config (VQModel or AutoencoderKL field names) read off the tensor shapes, with the
+    conventions every published checkpoint follows for what shapes cannot tell: SiLU, and 32 GroupNorm groups (a
+    file whose widths 32 does not divide is an error asking for its config instead of a guess). Sample size and
+    latent scaling constants come from the family table."""
+    return with_norm_defaults(shape_config(state, source), source)
 
-    Not derivable and therefore fixed: 32 GroupNorm groups and SiLU (every known checkpoint uses them);
-    sample size and latent scaling constants come from the family table.
-    """
+
+# Fields the tensor shapes determine: a config that sets one of them is checked against the weights.
+SHAPE_FIELDS = ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "down_block_types",
+                "up_block_types", "mid_block_add_attention", "latent_channels", "num_vq_embeddings", "vq_embed_dim",
+                "norm_type", "use_quant_conv", "use_post_quant_conv")
+CONVENTIONAL_GROUPS = 32
+
+
+def shape_config(state: dict, source, file_name=str) -> dict:
+    """The architecture fields (SHAPE_FIELDS and `_class_name`) that a VAE state dict in diffusers names shows;
+    file_name(diffusers key) spells a key as the user's file does, for messages."""
 
     def shape(key, ndim=4):
         if key not in state:
-            raise CheckpointError(f"{source}: cannot infer the VAE architecture: tensor {key} is missing")
+            raise CheckpointError(f"{source}: cannot infer the VAE architecture: tensor {file_name(key)} is missing")
         if state[key].ndim != ndim:
-            raise CheckpointError(f"{source}: tensor {key} has shape {tuple(state[key].shape)}; expected {ndim} dimensions")
+            raise CheckpointError(f"{source}: tensor {file_name(key)} has shape {tuple(state[key].shape)}; expected "
+                                  f"{ndim} dimensions")
         return tuple(state[key].shape)
 
     levels = _levels(state, r"encoder\.down_blocks\.(\d+)\.")
     if levels == 0:
-        raise CheckpointError(f"{source}: cannot infer the VAE architecture: no encoder.down_blocks.* tensors")
+        raise CheckpointError(f"{source}: cannot infer the VAE architecture: no encoder levels "
+                              f"({file_name('encoder.down_blocks.0.resnets.0.conv1.weight')} and the like)")
+
     def has_attention(block):
         return f"{block}.attentions.0.to_q.weight" in state
 
+    vq = model_kind(state) == "vq"
+    widths = [shape(f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0] for i in range(levels)]
     config = {
+        "_class_name": "VQModel" if vq else "AutoencoderKL",
         "in_channels": shape("encoder.conv_in.weight")[1],
         "out_channels": shape("decoder.conv_out.weight")[0],
-        "block_out_channels": [shape(f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0] for i in range(levels)],
+        "block_out_channels": widths,
         "layers_per_block": _levels(state, r"encoder\.down_blocks\.0\.resnets\.(\d+)\."),
         "down_block_types": [
             "AttnDownEncoderBlock2D" if has_attention(f"encoder.down_blocks.{i}") else "DownEncoderBlock2D" for i in range(levels)
@@ -244,29 +312,72 @@ def infer_config(state: dict, source) -> dict:
             "AttnUpDecoderBlock2D" if has_attention(f"decoder.up_blocks.{i}") else "UpDecoderBlock2D" for i in range(levels)
         ],
         "mid_block_add_attention": has_attention("encoder.mid_block"),
-        "latent_channels": shape("decoder.conv_in.weight")[1],
-        "norm_num_groups": 32,
-        "act_fn": "silu",
     }
-    latent = config["latent_channels"]
     encoder_out = shape("encoder.conv_out.weight")[0]
-    if model_kind(state) == "vq":
+    if vq:
         num_embeddings, embed_dim = shape("quantize.embedding.weight", ndim=2)
+        latent = _latent_channels(state, widths[-1], embed_dim)
         config.update(
+            latent_channels=latent,
             num_vq_embeddings=num_embeddings,
             vq_embed_dim=embed_dim,
             norm_type="spatial" if "decoder.conv_norm_out.conv_y.weight" in state else "group",
         )
-        if encoder_out != latent:
-            raise CheckpointError(f"{source}: VQ encoder outputs {encoder_out} channels but the decoder takes {latent}")
-        return {"_class_name": "VQModel", **config}
-    if encoder_out != 2 * latent:
+        return config
+    latent = _latent_channels(state, widths[-1], None)
+    decoder_in = shape("decoder.conv_in.weight")
+    if decoder_in[0] == widths[-1] and encoder_out == decoder_in[1]:  # encoder and decoder agree: no posterior
+        latent = encoder_out
         raise CheckpointError(
-            f"{source}: encoder.conv_out has {encoder_out} output channels; a KL autoencoder with {latent} latent "
-            f"channels needs {2 * latent} (mean and log-variance), and no quantize.embedding (VQ codebook) was found"
+            f"{source}: {file_name('encoder.conv_out.weight')} has {encoder_out} output channels; a KL autoencoder "
+            f"with {latent} latent channels needs {2 * latent} (mean and log-variance), and no "
+            f"{file_name('quantize.embedding.weight')} (VQ codebook) was found"
         )
-    config.update(use_quant_conv="quant_conv.weight" in state, use_post_quant_conv="post_quant_conv.weight" in state)
-    return {"_class_name": "AutoencoderKL", **config}
+    config.update(latent_channels=latent, use_quant_conv="quant_conv.weight" in state,
+                  use_post_quant_conv="post_quant_conv.weight" in state)
+    return config
+
+
+def _latent_channels(state, widest, embed_dim):
+    """The latent channel count most of the tensors around the latent space agree on (a VQ model when embed_dim is
+    given, else KL), counting only tensors whose other side fits the network, so that a damaged one is named by the
+    strict load instead of blaming its neighbours."""
+    vq = embed_dim is not None
+    votes = []
+    encoder_out = state["encoder.conv_out.weight"].shape
+    if encoder_out[1] == widest and (vq or encoder_out[0] % 2 == 0):
+        votes.append(encoder_out[0] if vq else encoder_out[0] // 2)
+    for key, side, other in (("quant_conv.weight", 1, 0), ("post_quant_conv.weight", 0, 1)):
+        conv = state.get(key)
+        if conv is None or conv.ndim != 4:
+            continue
+        if vq and conv.shape[other] == embed_dim:
+            votes.append(conv.shape[side])
+        elif not vq and conv.shape[0] == conv.shape[1]:
+            votes.append(conv.shape[0] // 2 if key == "quant_conv.weight" else conv.shape[0])
+    decoder_in = state["decoder.conv_in.weight"].shape if "decoder.conv_in.weight" in state else None
+    if decoder_in is not None and len(decoder_in) == 4 and decoder_in[0] == widest:
+        votes.append(decoder_in[1])
+    if votes:
+        return Counter(votes).most_common(1)[0][0]
+    return decoder_in[1] if decoder_in is not None and len(decoder_in) == 4 else encoder_out[0]
+
+
+def with_norm_defaults(config: dict, source) -> dict:
+    """The config with SiLU and 32 GroupNorm groups where it does not say otherwise. GroupNorm's group count is not
+    stored in the weights; 32 is assumed only where it divides every width (a spatial-norm decoder needs it anyway)."""
+    config = {"act_fn": "silu", **config}
+    if "norm_num_groups" not in config:
+        widths = list(config["block_out_channels"])
+        if any(width % CONVENTIONAL_GROUPS for width in widths):
+            raise CheckpointError(
+                f"{source}: the widths {widths} are not multiples of {CONVENTIONAL_GROUPS}, the GroupNorm group count "
+                f"of every published checkpoint, and the weights do not store the group count: pass "
+                f"config={{'norm_num_groups': N}}, or put a config file with norm_num_groups beside the weight file "
+                f"(same name, .yaml or .json)"
+            )
+        config["norm_num_groups"] = CONVENTIONAL_GROUPS
+    return config
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,16 +7,15 @@ diffusers' own from_pretrained fails on this layout. Weight files: safetensors o
 with `variant="fp16"` for the fp16 files.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint import find_weights, read_config, read_folder_state_dict
-from .devices import default_device, resolve_dtype
+from .checkpoint import find_weights, read_config, read_folder_state_dict, read_json
+from .devices import resolve_device, resolve_dtype
 from .errors import CheckpointError, VQCoreError
-from .loading import build_model, load_vqmodel
+from .loading import build_model, check_finite, load_vqmodel
 from .sampler import sample
 from .scheduler import VQDiffusionScheduler
 from .text_encoder import WEIGHT_STEMS, VQTextEncoder
@@ -58,7 +57,7 @@ class VQDiffusionModel:
 def load_vq_diffusion(folder, device=None, dtype=None, variant=None) -> VQDiffusionModel:
     folder = Path(folder)
     check_layout(folder)
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     dtype = resolve_dtype(dtype, device) if dtype is not None else torch.float32
     transformer = load_transformer(folder / "transformer", device, dtype, variant)
     vqvae = load_vqmodel(folder / "vqvae", device=device, dtype=dtype, variant=available_variant(folder / "vqvae", variant))
@@ -86,13 +85,6 @@ def check_layout(folder):
     class_name = read_json(index).get("_class_name")
     if class_name not in ("VQDiffusionPipeline", None):
         raise CheckpointError(f"{index}: a {class_name} checkpoint, not VQDiffusionPipeline")
-
-
-def read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: missing or not valid JSON: {e}") from e
 
 
 def from_config_file(cls, config, path):
@@ -131,6 +123,9 @@ def load_null_embeddings(folder, device, variant):
     if not config.get("learnable"):
         return None
     state = read_folder_state_dict(folder, variant=available_variant(folder, variant))
-    if "embeddings" not in state or state["embeddings"].ndim != 2:
-        raise CheckpointError(f"{folder}: no (length, hidden) 'embeddings' tensor; found {sorted(state)[:5]}")
-    return state["embeddings"].float().to(device)
+    if "embeddings" not in state or state["embeddings"].ndim != 2 or not state["embeddings"].is_floating_point():
+        raise CheckpointError(f"{folder}: no (length, hidden) floating-point 'embeddings' tensor; found "
+                              f"{ {k: tuple(v.shape) for k, v in list(state.items())[:5]} }")
+    embeddings = state["embeddings"].float().to(device)
+    check_finite({"embeddings": embeddings}, folder)
+    return embeddings
