@@ -15,6 +15,44 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_device(device) -> torch.device:
+    """None -> default_device(); a name or torch.device -> that device, which must exist on this machine."""
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise VQCoreError(f"device {device!r} is not a device name (such as 'cpu', 'cuda:0' or 'mps'); available "
+                          f"here: {', '.join(available_devices())}") from e
+    if not exists(resolved):
+        raise VQCoreError(f"device {device!r} is not available on this machine; available: "
+                          f"{', '.join(available_devices())}")
+    return resolved
+
+
+def exists(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return device.index in (None, 0)
+    if device.type == "mps":
+        return device.index in (None, 0) and "mps" in available_devices()
+    backend = getattr(torch, device.type, None)
+    if not hasattr(backend, "is_available") or not backend.is_available():
+        return False
+    return device.index is None or device.index < backend.device_count()
+
+
+def available_devices() -> list:
+    """Names of the devices torch can compute on here: cpu, every CUDA (or ROCm) and XPU device, mps."""
+    names = ["cpu"]
+    for kind in ("cuda", "xpu"):
+        backend = getattr(torch, kind, None)
+        if backend is not None and backend.is_available():
+            names += [f"{kind}:{i}" for i in range(backend.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        names.append("mps")
+    return names
+
+
 def supports_bf16(device: torch.device) -> bool:
     device = torch.device(device)
     if device.type == "cuda":

@@ -64,7 +64,7 @@ def load_autoencoder(path, device=None, dtype=None, family="auto", variant=None,
 
 
 def _load(path, device, dtype, family, variant, config, expected):
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     dtype = torch.float32 if dtype is None else resolve_dtype(dtype, device)
     model_config, state, source, file_name = _read_autoencoder(path, device, family, variant, expected, config)
     return build_model(MODEL_CLASSES[model_config["_class_name"]], model_config, state, device, dtype, source, file_name)
