@@ -9,14 +9,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..vqcore.errors import VQCoreError
-from ..vqcore.sampler import MODES, sample
+from ..vqcore.sampler import MODES, SEED_MAX, sample
 from ..vqcore.truncation import check_rate
 from ..vqcore.vq_diffusion import load_vq_diffusion
 from . import compute, host, model_choices, ui_payloads
 from .autoencoder_nodes import DTYPE_TOOLTIP, DTYPES, load_dtype
 
 PREVIEWS_PER_RUN = 8  # a JPEG preview of the current estimate about this many times per run
-SEED_MAX = 0xFFFFFFFFFFFFFFFF
 
 
 class TextEncoderHandle:

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from .autoencoder import Decoder, Encoder, check_architecture, check_input, config_kwargs, resolved_config
+from .model_io import as_model_input, check_result
 
 
 class DiagonalGaussian:
@@ -101,17 +102,26 @@ class AutoencoderKL(nn.Module):
     def encode(self, x):
         """Images (B, in_channels, H, W) in [-1, 1] -> DiagonalGaussian over the (unscaled) latents."""
         check_input(x, self.config["in_channels"], self.downscale_factor, "AutoencoderKL.encode images")
+        x = as_model_input(x, self, "AutoencoderKL.encode images")
         moments = self.encoder(x)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
-        return DiagonalGaussian(moments)
+        return DiagonalGaussian(check_result(moments, "AutoencoderKL.encode", "images", x, self.encoder_modules()))
+
+    def encoder_modules(self):
+        """The modules an encode runs, by checkpoint name: where a NaN/inf weight is looked for."""
+        return {"encoder": self.encoder, "quant_conv": self.quant_conv}
 
     def decode(self, z):
         """Unscaled latents (B, latent_channels, h, w) -> images."""
         check_input(z, self.latent_channels, 1, "AutoencoderKL.decode latents")
-        if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)
-        return self.decoder(z)
+        latents = as_model_input(z, self, "AutoencoderKL.decode latents")
+        z = latents if self.post_quant_conv is None else self.post_quant_conv(latents)
+        return check_result(self.decoder(z), "AutoencoderKL.decode", "latents", latents, self.decoder_modules())
+
+    def decoder_modules(self):
+        """The modules a decode runs, by checkpoint name: where a NaN/inf weight is looked for."""
+        return {"post_quant_conv": self.post_quant_conv, "decoder": self.decoder}
 
     def scale_latents(self, z):
         """Encoder latents -> the normalised latents a diffusion model works on."""

@@ -7,3 +7,7 @@ class VQCoreError(ValueError):
 
 class CheckpointError(VQCoreError):
     """A checkpoint file or folder that cannot be read or does not hold the expected model."""
+
+
+class NonFiniteResult(VQCoreError):
+    """A model computed NaN or infinite values from finite input: damaged weights, or overflow of its dtype."""

@@ -25,6 +25,7 @@ every step, so they come back exactly as given and the model sees them as contex
 
 import math
 
+import numpy as np
 import torch
 
 from .errors import VQCoreError
@@ -33,6 +34,7 @@ from .truncation import check_rate, truncate
 
 MODES = ("standard", "fast", "last_steps", "purity")
 PRIOR_RULES = ("purity", "uniform")
+SEED_MAX = 2**64 - 1
 LOG_FLOOR = -70.0  # diffusers and the original clamp log-probabilities here instead of log(0)
 
 
@@ -69,7 +71,7 @@ def sample(transformer, scheduler, prompt_embeds, negative_embeds=None, *, num_i
         raise VQCoreError(f"mode 'standard' runs every timestep ({start + 1}); use mode 'fast' (spread over the "
                           f"schedule) or 'last_steps' (diffusers' num_inference_steps) for {steps} steps")
     if generator is None and seed is not None:
-        generator = torch.Generator(device).manual_seed(int(seed))
+        generator = torch.Generator(device).manual_seed(check_seed(seed))
 
     context = conditioning(prompt_embeds, negative_embeds, num_images_per_prompt, guidance_scale > 1, device, transformer.dtype)
     batch = context.shape[0] // (2 if guidance_scale > 1 else 1)
@@ -116,6 +118,13 @@ def check_options(mode, prior_rule, prior_weight, guidance_scale, strength, num_
                           f"is noised again; strength must be 1, got {strength!r}")
     if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
         raise VQCoreError(f"num_images_per_prompt must be a positive integer; got {num_images_per_prompt!r}")
+
+
+def check_seed(seed):
+    """Any integer in [0, 2**64 - 1] (ComfyUI's seed widget range; what torch.Generator.manual_seed takes)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= SEED_MAX:
+        raise VQCoreError(f"seed must be an integer in [0, 2**64 - 1] (0..{SEED_MAX}); got {seed!r}")
+    return int(seed)
 
 
 def conditioning(prompt_embeds, negative_embeds, num_images, guidance, device, dtype):

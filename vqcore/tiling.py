@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from .autoencoder import check_input
 from .autoencoder_kl import DiagonalGaussian
 from .errors import VQCoreError
+from .model_io import check_floating, check_result
 
 MIN_TILE_LATENTS = 4  # smallest tile, in latent pixels: below this the halos cost more than the tiles
 
@@ -659,12 +660,14 @@ def tiled_decode(model, latents, tile_size=512, progress=None, should_cancel=Non
             quant = model.indices_to_embeddings(latents.to(model.device)).to(offload_device)
         else:
             check_input(latents, model.latent_channels, 1, "tiled_decode latents")
+            check_floating(latents, "tiled_decode latents")
             quant = quantize_latents(model, latents, offload_device) if is_vq and not force_not_quantize else latents
     spatial = is_vq and model.config.get("norm_type") == "spatial"
     program = decoder_program(model, tuple(quant.shape[-2:]), spatial)
     program.finish()
-    return run_per_image(program, quant, tile_size, model, progress, should_cancel, offload_device,
-                         model.config["out_channels"])
+    images = run_per_image(program, quant, tile_size, model, progress, should_cancel, offload_device,
+                           model.config["out_channels"])
+    return check_result(images, "tiled_decode", "latents", quant, model.decoder_modules())
 
 
 def tiled_encode(model, images, tile_size=512, progress=None, should_cancel=None, offload_device="cpu"):
@@ -675,10 +678,11 @@ def tiled_encode(model, images, tile_size=512, progress=None, should_cancel=None
     """
     check_tile_size(model, tile_size)
     check_input(images, model.config["in_channels"], model.downscale_factor, "tiled_encode images")
+    check_floating(images, "tiled_encode images")
     program = encoder_program(model, tuple(images.shape[-2:]))
     program.finish()
     last_conv = model.quant_conv if model.quant_conv is not None else model.encoder.conv_out
     output = run_per_image(program, images, tile_size, model, progress, should_cancel, offload_device,
                            last_conv.out_channels)
-    output = output.to(model.device)
+    output = check_result(output.to(model.device), "tiled_encode", "images", images, model.encoder_modules())
     return DiagonalGaussian(output) if not hasattr(model, "quantize") else output

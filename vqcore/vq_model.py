@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 from .autoencoder import Decoder, Encoder, check_architecture, check_input, config_kwargs, resolved_config
-from .errors import VQCoreError
+from .errors import NonFiniteResult, VQCoreError
+from .model_io import as_model_input, check_result
 
 
 class VectorQuantizer(nn.Module):
@@ -28,11 +29,23 @@ class VectorQuantizer(nn.Module):
         loss = torch.mean((z_q.detach() - z) ** 2) + self.beta * torch.mean((z_q - z.detach()) ** 2)
         # Straight-through estimator; as arithmetic it also rounds z_q the way diffusers does.
         z_q = z + (z_q - z).detach()
+        if not torch.isfinite(z_q).all():
+            raise non_finite_codes(z, self.embedding.weight, indices)
         return z_q.permute(0, 3, 1, 2).contiguous(), loss, indices.view(b, h, w)
 
     def get_codebook_entry(self, indices, shape):
         """Codebook vectors for indices, as NCHW; shape is (B, h, w, E) with tokens in row-major order."""
-        return self.embedding(indices).view(shape).permute(0, 3, 1, 2).contiguous()
+        if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.is_complex():
+            kind = indices.dtype if isinstance(indices, torch.Tensor) else type(indices).__name__
+            raise VQCoreError(f"get_codebook_entry indices must be an integer tensor; got {kind}")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.num_embeddings):
+            raise VQCoreError(f"get_codebook_entry indices must lie in [0, {self.num_embeddings - 1}] (the codebook has "
+                              f"{self.num_embeddings} entries); got values from {int(indices.min())} to {int(indices.max())}")
+        shape = tuple(shape)
+        if len(shape) != 4 or shape[-1] != self.embed_dim or shape[0] * shape[1] * shape[2] != indices.numel():
+            raise VQCoreError(f"get_codebook_entry shape must be (batch, height, width, {self.embed_dim}) with "
+                              f"batch * height * width = {indices.numel()} indices; got {shape}")
+        return self.embedding(indices.long()).view(shape).permute(0, 3, 1, 2).contiguous()
 
 
 class VQModel(nn.Module):
@@ -110,37 +123,51 @@ class VQModel(nn.Module):
     def encode(self, x):
         """Images (B, in_channels, H, W) in [-1, 1] -> continuous (not quantized) latents (B, E, H/f, W/f)."""
         check_input(x, self.config["in_channels"], self.downscale_factor, "VQModel.encode images")
-        return self.quant_conv(self.encoder(x))
+        x = as_model_input(x, self, "VQModel.encode images")
+        latents = self.quant_conv(self.encoder(x))
+        return check_result(latents, "VQModel.encode", "images", x, self.encoder_modules())
+
+    def encoder_modules(self):
+        """The modules an encode runs, by checkpoint name: where a NaN/inf weight is looked for."""
+        return {"encoder": self.encoder, "quant_conv": self.quant_conv}
 
     def decode(self, latents, force_not_quantize=False):
         """Latents -> images. Latents are quantized first unless force_not_quantize, in which case they are used as
         they are (codebook vectors), or, for a `lookup_from_codebook` model, taken to be indices (B, h, w)."""
-        if not force_not_quantize:
-            check_input(latents, self.latent_channels, 1, "VQModel.decode latents")
-            quant, _, _ = self.quantize(latents)
-        elif self.config["lookup_from_codebook"]:
-            quant = self.indices_to_embeddings(latents)
-        else:
-            check_input(latents, self.latent_channels, 1, "VQModel.decode latents")
-            quant = latents
-        return self.decode_embeddings(quant)
+        if force_not_quantize and self.config["lookup_from_codebook"]:
+            return self.decode_indices(latents)
+        check_input(latents, self.latent_channels, 1, "VQModel.decode latents")
+        latents = as_model_input(latents, self, "VQModel.decode latents")
+        quant = latents if force_not_quantize else self.quantize(latents)[0]
+        return self.decode_embeddings(quant, "latents")
 
     def decode_indices(self, indices):
         """Codebook indices (B, h, w) -> images."""
-        return self.decode_embeddings(self.indices_to_embeddings(indices))
+        return self.decode_embeddings(self.indices_to_embeddings(indices), "codebook indices")
 
-    def decode_embeddings(self, quant):
+    def decode_embeddings(self, quant, input_name="codebook vectors"):
         spatial = self.config["norm_type"] == "spatial"
-        return self.decoder(self.post_quant_conv(quant), quant if spatial else None)
+        images = self.decoder(self.post_quant_conv(quant), quant if spatial else None)
+        return check_result(images, "VQModel.decode", input_name, quant, self.decoder_modules())
+
+    def decoder_modules(self):
+        """The modules a decode runs, by checkpoint name: where a NaN/inf weight is looked for."""
+        return {"quantize": self.quantize, "post_quant_conv": self.post_quant_conv, "decoder": self.decoder}
 
     def indices_to_embeddings(self, indices):
         """Codebook indices (B, h, w) -> codebook vectors (B, E, h, w)."""
         if not isinstance(indices, torch.Tensor) or indices.ndim != 3 or indices.is_floating_point():
             shape = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
             raise VQCoreError(f"codebook indices must be an integer (batch, height, width) tensor; got {shape}")
-        if indices.numel() and (indices.min() < 0 or indices.max() >= self.num_embeddings):
-            raise VQCoreError(
-                f"codebook indices must lie in [0, {self.num_embeddings}); got values from {int(indices.min())} "
-                f"to {int(indices.max())}"
-            )
-        return self.quantize.get_codebook_entry(indices.long(), (*indices.shape, self.latent_channels))
+        return self.quantize.get_codebook_entry(indices.to(self.device), (*indices.shape, self.latent_channels))
+
+
+def non_finite_codes(z, codebook, indices):
+    """Quantising finite latents picked NaN/inf codebook vectors (argmin prefers NaN distances): name them."""
+    if not torch.isfinite(z).all():
+        return VQCoreError(f"quantize latents of shape {tuple(z.shape)} contain NaN or infinite values")
+    bad = torch.nonzero(~torch.isfinite(codebook).all(dim=1)).flatten().tolist()
+    picked = int((~torch.isfinite(codebook[indices]).all(dim=1)).sum())
+    return NonFiniteResult(f"quantize: codebook entries {bad[:8]}{' ...' if len(bad) > 8 else ''} of "
+                           f"quantize.embedding.weight ({len(bad)} of {codebook.shape[0]}) contain NaN/inf, and "
+                           f"{picked} latent pixels picked them")
