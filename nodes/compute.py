@@ -11,7 +11,7 @@ import torch
 from ..vqcore import tiling
 from ..vqcore.autoencoder import use_fast_path
 from ..vqcore.autoencoder_kl import DiagonalGaussian
-from ..vqcore.errors import VQCoreError
+from ..vqcore.errors import NonFiniteResult, VQCoreError
 from . import host
 
 log = logging.getLogger("vqcore")
@@ -133,7 +133,7 @@ def run_sliced(handle, fn, inputs, per_item_bytes, node_id=None):
     """fn(model, batch slice on the compute device) for the whole batch, in slices that fit in free memory.
 
     The model is handed to the host's memory manager first. A half-precision result with NaN/inf (the fp16 overflow
-    of SD-family decoders) is computed again in float32.
+    of SD-family decoders) is computed again in float32; in float32 it is vqcore's error naming the cause.
     """
     host.load_models([handle.patcher], per_item_bytes)
     device = handle.patcher.load_device
@@ -145,8 +145,11 @@ def run_sliced(handle, fn, inputs, per_item_bytes, node_id=None):
         host.throw_if_interrupted()
         chunk = inputs[start:start + step].to(device)
         with torch.inference_mode():
-            out = fn(handle.model, chunk.to(handle.dtype) if chunk.is_floating_point() else chunk)
-            if handle.dtype in HALF_DTYPES and not torch.isfinite(out).all():
+            try:
+                out = fn(handle.model, chunk.to(handle.dtype) if chunk.is_floating_point() else chunk)
+            except NonFiniteResult:
+                if handle.dtype not in HALF_DTYPES:
+                    raise
                 handle.upcast(fn.__name__)
                 out = fn(handle.model, chunk.float() if chunk.is_floating_point() else chunk)
         outputs.append(out.float().to(host.intermediate_device()))

@@ -1,5 +1,6 @@
 """Bad input through the nodes: each error is a VQCoreError whose message starts with the node input at fault."""
 
+import logging
 import shutil
 
 import pytest
@@ -99,3 +100,32 @@ def test_image_too_small_and_other_shapes(nodes, error):
     (vae,) = nodes["VQCoreLoadAutoencoderKL"].load("demo-sd-vae.safetensors")
     error("samples", vae.decode, torch.zeros(1, 16, 4, 4))
     error("vq_vae", nodes["VQCoreEncode"].encode, vae, torch.rand(1, 32, 32, 3))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_nan_weight_is_an_error_not_a_black_image(pack, nodes, dtype, caplog):
+    """fp16 NaN/inf is computed again in fp32 (the fp16 overflow fallback); NaN/inf in fp32 is an error naming the
+    weight, for tokens, latents and the tiled decode alike."""
+    (vq_vae,) = nodes["VQCoreLoadVQModel"].load("demo-vq-f8.safetensors", dtype=dtype)
+    tokens = tokens_of(nodes, vq_vae)
+    with torch.no_grad():
+        vq_vae.model.decoder.conv_out.weight.view(-1)[0] = float("nan")
+    calls = [lambda: nodes["VQCoreDecode"].decode(vq_vae, tokens=tokens),
+             lambda: nodes["VQCoreDecode"].decode(vq_vae, samples={"samples": torch.randn(1, 4, 4, 4)}),
+             lambda: nodes["VQCoreTiledVAEDecode"].decode(vq_vae, 64, tokens=tokens)]
+    for call in calls:
+        with caplog.at_level(logging.WARNING, logger="vqcore"), \
+                pytest.raises(pack.vqcore.errors.VQCoreError, match=r"decoder\.conv_out\.weight contains NaN"):
+            call()
+    assert ("computing again in float32" in caplog.text) == (dtype == "fp16")
+    assert vq_vae.dtype == torch.float32
+
+
+def test_float32_result_with_nan_from_the_vae_stand_in_is_an_error(pack, nodes):
+    (vae,) = nodes["VQCoreLoadAutoencoderKL"].load("demo-sd-vae.safetensors", dtype="fp32")
+    latents = torch.randn(1, 4, 4, 4)
+    assert torch.isfinite(vae.decode(latents)).all()
+    with torch.no_grad():
+        pack.nodes.vae_adapter.kl_handle(vae, "vae").model.decoder.conv_in.weight.view(-1)[0] = float("inf")
+    with pytest.raises(pack.vqcore.errors.VQCoreError, match=r"decoder\.conv_in\.weight contains NaN/inf"):
+        vae.decode(latents)
