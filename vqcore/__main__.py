@@ -1,6 +1,6 @@
 """Command line: `python -m vqcore <command> ...`.
 
-    python -m vqcore demo-models DIR                  tiny seeded demo models in every supported checkpoint format
+    python -m vqcore demo-models DIR                  trained demo models, a photo, tiny random models in every format
     python -m vqcore roundtrip MODEL [IMAGE] OUT.png  encode (VQ: and quantize) an image, decode it, save the PNG
     python -m vqcore generate PROMPT OUT.png          text-to-image with VQ-Diffusion (default: the demo model)
 
@@ -8,6 +8,7 @@ Each command is an `add_<name>_command(subparsers)` function that registers its 
 """
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -24,16 +25,19 @@ DEMO_FOLDER = Path(tempfile.gettempdir()) / "vqcore-vq-diffusion-demo"
 
 
 def add_demo_models_command(subparsers):
-    parser = subparsers.add_parser("demo-models", help="write seeded tiny demo models (ComfyUI models-folder layout)")
+    parser = subparsers.add_parser("demo-models", help="write the trained demo models, a photo to try them on, and "
+                                   "seeded tiny random models in every format (ComfyUI models-folder layout)")
     parser.add_argument("directory", type=Path, help="models folder to write into (vae/, vq_models/, checkpoints/, diffusers/)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--input-dir", type=Path, default=None,
+                        help="where the demo photo goes (default: the models folder's sibling input/, as in ComfyUI)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random models")
     parser.set_defaults(run=run_demo_models)
 
 
 def run_demo_models(args):
     from .demo import write_demo_models
 
-    for path in write_demo_models(args.directory, args.seed):
+    for path in write_demo_models(args.directory, args.seed, args.input_dir):
         print(path)
 
 
@@ -53,6 +57,9 @@ def add_roundtrip_command(subparsers):
     parser.add_argument("--device", default=None, help="cuda, mps, cpu, ... (default: best available)")
     parser.add_argument("--dtype", default=None, choices=["auto", "fp32", "fp16", "bf16"], help="default fp32")
     parser.add_argument("--variant", default=None, help="weight variant of a diffusers folder, e.g. fp16")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="config that the weights cannot tell: a diffusers config.json or a taming/LDM YAML "
+                             "(default: MODEL's .yaml/.json beside it, if any)")
     parser.add_argument("--size", type=int, default=256, help="side of the generated test pattern (default 256)")
     parser.add_argument("--exact", action="store_true", help="diffusers' exact computation instead of the fast path")
     parser.set_defaults(run=run_roundtrip)
@@ -65,7 +72,10 @@ def run_roundtrip(args):
     if len(args.images) > 2:
         raise VQCoreError(f"roundtrip takes at most an input image and an output PNG; got {len(args.images)} paths")
     source, output = args.images if len(args.images) == 2 else (None, args.images[0])
-    model = load_autoencoder(args.model, device=args.device, dtype=args.dtype, family=args.family, variant=args.variant)
+    check_output(output)
+    check_positive("--size", args.size)
+    model = load_autoencoder(args.model, device=args.device, dtype=args.dtype, family=args.family, variant=args.variant,
+                             config=args.config)
     use_fast_path(model, not args.exact)
     image = read_image(source) if source else test_pattern(args.size)
     image = crop_to_multiple(image, model.downscale_factor)
@@ -83,10 +93,28 @@ def run_roundtrip(args):
     print(f"{args.model}: {summary}; {image.shape[1]}x{image.shape[0]} image -> {output}")
 
 
+def check_output(path):
+    """The PNG path can be written: checked before any work, so that a typo costs no model run."""
+    if path.suffix.lower() != ".png":
+        raise VQCoreError(f"{path}: the output must be a .png file")
+    if path.is_dir():
+        raise VQCoreError(f"{path}: is a folder; give the PNG file to write")
+    if not path.parent.is_dir():
+        raise VQCoreError(f"{path}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise VQCoreError(f"{path}: the folder {path.parent} is not writable")
+
+
+def check_positive(option, value):
+    if value < 1:
+        raise VQCoreError(f"{option} must be a positive integer; got {value}")
+
+
 def save_png(images, path):
-    """(B, 3, H, W) images in [-1, 1], side by side, as one PNG."""
+    """(B, 3, H, W) images in [-1, 1], side by side, as one PNG; NaN/inf images are an error, not a black PNG."""
+    if not torch.isfinite(images).all():
+        raise VQCoreError(f"{path}: not written: the model produced NaN or infinite values")
     pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-    path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(torch.cat(list(pixels), dim=1).numpy()).save(path, format="PNG")
 
 
@@ -141,6 +169,10 @@ def run_generate(args):
     from .demo import write_demo_vq_diffusion
     from .vq_diffusion import load_vq_diffusion
 
+    check_output(args.output)
+    check_positive("--images", args.images)
+    if args.steps is not None:
+        check_positive("--steps", args.steps)
     folder = args.checkpoint
     if folder is None:
         folder = DEMO_FOLDER

@@ -1,12 +1,21 @@
-"""Seeded tiny demo models in every checkpoint layout vqcore loads, written into ComfyUI's models-folder layout.
+"""Demo models written into ComfyUI's models-folder layout: trained ones that make real pictures, and seeded random
+ones in every checkpoint layout vqcore loads.
 
-The weights are random (same seed, same files); the shapes are shrunk but keep each family's structure: attention
-inside the last level, spatial decoder norms (MoVQ), 16 latent channels without quant convs (Flux/SD3),
-vq_embed_dim != latent_channels (VQ-Diffusion), training-only keys beside the weights, and each family's wrapper and
-key names. They exist so that the loaders, nodes and CLI can be exercised on a fresh machine without downloads.
+Trained (shipped in vqcore/demo_weights/, made by tools/train_demo.py, checked against its SHA256SUMS when copied):
+a KL autoencoder (Stable Diffusion's shape, f8) and a VQ autoencoder (f4) trained on photographs, a text-to-image
+VQ-Diffusion model of coloured shapes ("a red circle in the top left on a white background"), and a photograph to
+try them on, written into ComfyUI's input folder.
+
+Random (same seed, same files): the shapes are shrunk but keep each family's structure: attention inside the last
+level, spatial decoder norms (MoVQ), 16 latent channels without quant convs (Flux/SD3), vq_embed_dim !=
+latent_channels (VQ-Diffusion), training-only keys beside the weights, and each family's wrapper and key names. They
+exist so that the loaders, nodes and CLI can be exercised on a fresh machine without downloads; their pictures are
+noise.
 """
 
+import hashlib
 import json
+import shutil
 import re
 import string
 from pathlib import Path
@@ -15,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from .autoencoder_kl import AutoencoderKL
+from .errors import VQCoreError
 from .text_encoder import MAX_LENGTH, PAD_TOKEN
 from .transformer import VQDiffusionTransformer
 from .vae_layouts import KL_FAMILIES, to_ldm_names
@@ -59,8 +69,62 @@ SD1_NEIGHBOURS = ("model.diffusion_model.input_blocks.0.0.weight", "cond_stage_m
 SD3_NEIGHBOURS = ("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight")
 
 
-def write_demo_models(root, seed=0) -> list:
-    """Writes every demo file under `root` (vae/, vq_models/, checkpoints/, diffusers/) and returns their paths."""
+TRAINED_FOLDER = Path(__file__).resolve().parent / "demo_weights"
+TRAINED_MANIFEST = TRAINED_FOLDER / "SHA256SUMS"
+# Names of the trained models in the models folder, and of the photograph in the input folder.
+TRAINED_KL = "diffusers/vqcore-photo-kl-f8"
+TRAINED_VQ = "diffusers/vqcore-photo-vq-f4"
+TRAINED_VQ_DIFFUSION = "diffusers/vqcore-shapes-vq-diffusion"
+DEMO_PHOTO = "vqcore-demo-photo.jpg"
+
+
+def write_demo_models(root, seed=0, input_dir=None) -> list:
+    """Writes every demo file under `root` (vae/, vq_models/, checkpoints/, diffusers/) and the demo photograph into
+    `input_dir` (default: the models folder's sibling input/, where ComfyUI looks), and returns their paths."""
+    root = Path(root)
+    input_dir = root.parent / "input" if input_dir is None else Path(input_dir)
+    written = write_trained_models(root, input_dir)
+    written += write_random_models(root, seed)
+    return written
+
+
+def trained_files() -> list:
+    """(path relative to demo_weights/, SHA-256 hex digest) of every shipped trained file, from SHA256SUMS."""
+    try:
+        lines = TRAINED_MANIFEST.read_text().splitlines()
+    except OSError as e:
+        raise VQCoreError(f"{TRAINED_MANIFEST}: the trained demo models' manifest is missing ({e}); reinstall the pack") from e
+    entries = [line.split(maxsplit=1) for line in lines if line.strip()]
+    return [(name.strip(), digest) for digest, name in entries]
+
+
+def sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_trained_models(models_dir, input_dir) -> list:
+    """Copies the shipped trained models into models_dir and the photograph into input_dir, each file checked against
+    its SHA-256 in the manifest (a damaged or changed copy of the pack is an error, not a silently different demo)."""
+    written = []
+    for name, digest in trained_files():
+        source = TRAINED_FOLDER / name
+        top, _, relative = name.partition("/")
+        target = (Path(models_dir) if top == "models" else Path(input_dir)) / relative
+        if not source.is_file() or sha256(source) != digest:
+            raise VQCoreError(f"{source}: missing or not the file the pack shipped (SHA-256 differs from "
+                              f"{TRAINED_MANIFEST.name}); reinstall the pack")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        written.append(target)
+    return written
+
+
+def write_random_models(root, seed=0) -> list:
+    """Writes the random demo models under `root` and returns their paths."""
     root = Path(root)
     with torch.random.fork_rng(devices=[]):
         models = {}
