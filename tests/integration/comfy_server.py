@@ -1,11 +1,13 @@
 """A real ComfyUI server for the integration tests: started from the source tree in COMFYUI_PATH with a fresh
---base-directory that holds this pack under custom_nodes and the demo models, on loopback only, stopped by PID.
+--base-directory that holds this pack (and the test-only probe nodes) under custom_nodes and the demo models, on
+loopback only, stopped by PID.
 
 Every HTTP request and every wait has a timeout, so a hung server fails a test instead of hanging the run.
 """
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,6 +21,7 @@ import websocket  # websocket-client
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PACK_FOLDER = "vqcore-nodes"
+PROBES_FOLDER = "integration_probes"  # test-only nodes (probe_nodes/), installed beside the pack
 HOST = "127.0.0.1"
 REQUEST_TIMEOUT = 30
 # Loopback only: never route the test's requests through a proxy from the environment.
@@ -52,12 +55,16 @@ def comfyui_path():
     return path if (path / "main.py").is_file() and (path / "comfy").is_dir() else None
 
 
-def comfyui_python(comfy_dir: Path) -> str:
-    """The interpreter for ComfyUI: COMFYUI_PYTHON, else the environment setup_comfyui.sh made, else ours."""
-    if os.environ.get("COMFYUI_PYTHON"):
-        return os.environ["COMFYUI_PYTHON"]
-    venv_python = comfy_dir / ".venv" / "bin" / "python"
-    return str(venv_python) if venv_python.is_file() else sys.executable
+def comfyui_version(comfy_dir: Path) -> str:
+    """The tree's version as its comfyui_version.py states it ("unknown" where the file is missing)."""
+    text = (comfy_dir / "comfyui_version.py").read_text() if (comfy_dir / "comfyui_version.py").is_file() else ""
+    match = re.search(r'__version__\s*=\s*"([^"]+)"', text)
+    return match.group(1) if match else "unknown"
+
+
+def comfyui_python() -> str:
+    """The interpreter for ComfyUI: COMFYUI_PYTHON (the environment setup_comfyui.sh made), else ours."""
+    return os.environ.get("COMFYUI_PYTHON") or sys.executable
 
 
 def free_port() -> int:
@@ -89,6 +96,7 @@ class ComfyServer:
         custom_nodes = self.base_dir / "custom_nodes"
         custom_nodes.mkdir(parents=True, exist_ok=True)
         (custom_nodes / PACK_FOLDER).symlink_to(REPO_ROOT, target_is_directory=True)
+        (custom_nodes / PROBES_FOLDER).symlink_to(Path(__file__).parent / "probe_nodes", target_is_directory=True)
         models = self.base_dir / "models"
         models.mkdir(exist_ok=True)
         done = subprocess.run([sys.executable, "-m", "vqcore", "demo-models", str(models)], cwd=REPO_ROOT,
@@ -103,7 +111,7 @@ class ComfyServer:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.base_dir / "python_hooks"), env.get("PYTHONPATH")]))
         env["PYTHONUNBUFFERED"] = "1"
-        command = [comfyui_python(self.comfy_dir), "main.py", "--cpu", "--listen", HOST, "--port", str(self.port),
+        command = [comfyui_python(), "main.py", "--cpu", "--listen", HOST, "--port", str(self.port),
                    "--disable-auto-launch", "--base-directory", str(self.base_dir),
                    "--database-url", "sqlite:///:memory:", "--log-stdout"]
         with open(self.log_path, "wb") as log:
