@@ -170,7 +170,9 @@ def decode(handle, latents=None, indices=None, node_id=None):
     inputs = indices if indices is not None else latents
     try:
         return model_to_images(run_sliced(handle, fn, inputs, per_item, node_id))
-    except host.oom_exception():
+    except Exception as e:
+        if not host.is_oom(e):
+            raise
         log.warning("vqcore: out of memory in a full decode of %s; retrying with tiled decode", tuple(inputs.shape))
     if indices is not None:
         latents = token_embeddings(handle, indices)
@@ -183,7 +185,9 @@ def encode(handle, images, node_id=None):
     per_item = encode_bytes(handle.model, images.shape[2], images.shape[3], handle.dtype)
     try:
         return run_sliced(handle, encode_latents, images, per_item, node_id)
-    except host.oom_exception():
+    except Exception as e:
+        if not host.is_oom(e):
+            raise
         log.warning("vqcore: out of memory in a full encode of %s; retrying with tiled encode", tuple(images.shape))
     return tiled_encode(handle, images, DEFAULT_FALLBACK_TILE, node_id)
 
@@ -213,17 +217,21 @@ def decode_indices(model, indices):
 
 
 def tiled_decode(handle, latents, tile_size, node_id=None, quantized=False):
-    """Seamless tiled decode (equal to the full decode); progress and interrupt per tile. quantized: the latents are
-    codebook vectors already (decoded tokens), not latents to quantise."""
+    """Seamless tiled decode (equal to the full decode) → IMAGE; progress and interrupt per tile. quantized: the
+    latents are codebook vectors already (decoded tokens), not latents to quantise."""
+    return model_to_images(tiled_decode_model_space(handle, latents, tile_size, node_id, quantized))
+
+
+def tiled_decode_model_space(handle, latents, tile_size, node_id=None, quantized=False):
+    """The seamless tiled decode's raw output: NCHW in the model's -1..1 range, on the offload device."""
     cells = tile_size // handle.model.downscale_factor  # the device holds about one tile
     host.load_models([handle.patcher], decode_bytes(handle.model, cells, cells, handle.dtype))
     pbar = host.progress_bar(1, node_id)
     with torch.inference_mode():
-        out = tiling.tiled_decode(handle.model, latents.to(handle.dtype), tile_size=tile_size,
-                                  progress=lambda done, total: pbar.update_absolute(done, total),
-                                  should_cancel=interrupted, offload_device=host.offload_device("vae"),
-                                  force_not_quantize=quantized)
-    return model_to_images(out)
+        return tiling.tiled_decode(handle.model, latents.to(handle.dtype), tile_size=tile_size,
+                                   progress=lambda done, total: pbar.update_absolute(done, total),
+                                   should_cancel=interrupted, offload_device=host.offload_device("vae"),
+                                   force_not_quantize=quantized)
 
 
 def tiled_encode(handle, images, tile_size, node_id=None):

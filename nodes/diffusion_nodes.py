@@ -16,6 +16,7 @@ from . import compute, host, model_choices, ui_payloads
 from .autoencoder_nodes import DTYPE_TOOLTIP, DTYPES, load_dtype
 
 PREVIEWS_PER_RUN = 8  # a JPEG preview of the current estimate about this many times per run
+SCHEDULE_LENGTH = 100  # timesteps of the VQ-Diffusion schedule (every released checkpoint); a model's own is checked
 
 
 class TextEncoderHandle:
@@ -210,9 +211,11 @@ class VQCoreVQDiffusionSampler:
             "positive": ("VQ_CONDITIONING", {"tooltip": "The prompt's embeddings."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True,
                              "tooltip": "Seed of every random draw."}),
-            "steps": ("INT", {"default": 100, "min": 1, "max": 1000,
-                              "tooltip": "Steps for the fast and purity modes (at most the schedule's length). "
-                                         "standard always runs every timestep of the schedule."}),
+            "steps": ("INT", {"default": SCHEDULE_LENGTH, "min": 1, "max": SCHEDULE_LENGTH,
+                              "tooltip": f"How many timesteps to run, at most the schedule's {SCHEDULE_LENGTH}. "
+                                         "standard: ignored (every timestep runs). fast and purity: this many, "
+                                         "spread over the schedule. last_steps: the last this many (with tokens, "
+                                         "also how much is re-noised)."}),
             "guidance": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 30.0, "step": 0.1,
                                    "tooltip": "Classifier-free guidance scale; 1 or less turns guidance off."}),
             "sampling_mode": (list(MODES), {
@@ -261,12 +264,13 @@ class VQCoreVQDiffusionSampler:
 
         host.load_models([model.patcher, vq.patcher], sampler_bytes(transformer, batch))
         pbar = host.progress_bar(total_steps if sampling_mode == "standard" else steps, unique_id)
-        preview = Previewer(vq)
+        preview_size = host.preview_max_size()  # None: the user turned previews off
+        preview = Previewer(vq, preview_size) if preview_size else None
 
         def callback(step, total, current, x0_estimate):
             every = max(1, total // PREVIEWS_PER_RUN)
-            shown = preview(x0_estimate) if (step + 1) % every == 0 or step + 1 == total else None
-            pbar.update_absolute(step + 1, total, shown)
+            due = preview is not None and ((step + 1) % every == 0 or step + 1 == total)
+            pbar.update_absolute(step + 1, total, preview(x0_estimate) if due else None)
 
         start = time.perf_counter()
         with torch.inference_mode(), compute.input_errors("model"):
@@ -296,8 +300,8 @@ class VQCoreVQDiffusionSampler:
 class Previewer:
     """JPEG previews of the sampler's current x0 estimate: the first image decoded with the pipeline's VQ-VAE."""
 
-    def __init__(self, vq):
-        self.vq, self.max_size = vq, host.preview_max_size()
+    def __init__(self, vq, max_size):
+        self.vq, self.max_size = vq, max_size
 
     def __call__(self, x0_estimate):
         model = self.vq.model

@@ -20,12 +20,13 @@ log = logging.getLogger("vqcore")
 PT_EXTENSIONS = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".sft"}
 MODEL_FOLDERS = ("vq_models", "vae", "checkpoints", "diffusers")
 
-mm = model_patcher = utils = folders = comfy_sd = None  # bound by bind(); None = plain torch
+mm = model_patcher = utils = folders = comfy_sd = cli_args = None  # bound by bind(); None = plain torch
 
 
 def import_comfy() -> dict:
     """The ComfyUI modules this pack uses, or an empty dict outside ComfyUI."""
     try:
+        import comfy.cli_args
         import comfy.model_management
         import comfy.model_patcher
         import comfy.utils
@@ -37,13 +38,13 @@ def import_comfy() -> dict:
     except ImportError:  # comfy.sd pulls in torchvision; without it core VAE nodes are missing anyway
         sd = None
     return {"model_management": comfy.model_management, "model_patcher": comfy.model_patcher, "utils": comfy.utils,
-            "folder_paths": folder_paths, "sd": sd}
+            "folder_paths": folder_paths, "sd": sd, "cli_args": comfy.cli_args}
 
 
-def bind(model_management=None, model_patcher=None, utils=None, folder_paths=None, sd=None):
+def bind(model_management=None, model_patcher=None, utils=None, folder_paths=None, sd=None, cli_args=None):
     """Selects the host modules; all None means plain torch. Registers our model folders with the new host."""
     g = globals()
-    g.update(mm=model_management, model_patcher=model_patcher, utils=utils, comfy_sd=sd,
+    g.update(mm=model_management, model_patcher=model_patcher, utils=utils, comfy_sd=sd, cli_args=cli_args,
              folders=folder_paths if folder_paths is not None else PlainFolders())
     register_model_folders()
 
@@ -84,8 +85,14 @@ def free_memory_bytes(device) -> int:
         return 8 << 30
 
 
-def oom_exception():
-    return torch.OutOfMemoryError if mm is None else mm.OOM_EXCEPTION
+def is_oom(error: BaseException) -> bool:
+    """Whether an exception means the device ran out of memory. ComfyUI 0.33+ decides with is_oom (device OOM also
+    arrives as torch.AcceleratorError); older hosts raise OOM_EXCEPTION."""
+    if mm is None:
+        return isinstance(error, torch.OutOfMemoryError)
+    if hasattr(mm, "is_oom"):
+        return mm.is_oom(error)
+    return isinstance(error, mm.OOM_EXCEPTION)
 
 
 class HostedModel(torch.nn.Module):
@@ -152,12 +159,16 @@ def progress_bar(total: int, node_id=None):
     return PlainProgress(total, node_id) if utils is None else utils.ProgressBar(total, node_id=node_id)
 
 
-def preview_max_size() -> int:
-    try:
-        from comfy.cli_args import args
-        return int(args.preview_size)
-    except (ImportError, AttributeError):
-        return 512
+def preview_max_size():
+    """Largest edge of the sampler's previews, or None when there are to be none: the user's preview method is
+    "none" (ComfyUI's default; core's samplers honour it too, and 0.33 sets it per prompt from the front end's
+    setting), or there is no host to show them."""
+    if cli_args is None:
+        return None
+    args = cli_args.args
+    if args.preview_method == cli_args.LatentPreviewMethod.NoPreviews:
+        return None
+    return int(args.preview_size)
 
 
 def throw_if_interrupted():
@@ -247,14 +258,25 @@ def diffusers_folders() -> dict:
 
 # ---- ComfyUI's own VAE ----------------------------------------------------------------------------------------------
 
-def comfy_vae(ldm_state_dict: dict, config: dict, dtype, scale: int, latent_channels: int):
-    """A real comfy.sd.VAE for an LDM-layout AutoencoderKL, or None outside ComfyUI."""
+def comfy_vae(ldm_state_dict: dict, config: dict, dtype, scale: int, latent_channels: int, tiled_decode):
+    """A real comfy.sd.VAE for an LDM-layout AutoencoderKL whose tiled decodes go to `tiled_decode`, or None outside
+    ComfyUI."""
     if comfy_sd is None:
         return None
     vae = comfy_sd.VAE(sd=ldm_state_dict, config=config, dtype=dtype)
     vae.downscale_ratio = vae.upscale_ratio = scale
     vae.latent_channels = latent_channels
+    route_tiled_decode(vae, tiled_decode)
     return vae
+
+
+def route_tiled_decode(vae, tiled_decode):
+    """Hands a comfy.sd.VAE's tiled decode to `tiled_decode`: ComfyUI 0.33+ sends VAE Decode (Tiled) and the retry
+    after a full decode ran out of memory to `first_stage_model.decode_tiled(latents, tile_x=, tile_y=, overlap=, ...)`
+    (latents on the VAE's device and dtype, tile sizes in latent cells; it expects the model's -1..1 output) when
+    the VAE declares `handles_tiling`. Older hosts ignore both attributes and blend tiles themselves."""
+    vae.handles_tiling = True
+    vae.first_stage_model.decode_tiled = tiled_decode
 
 
 bind(**import_comfy())

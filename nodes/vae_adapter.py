@@ -1,7 +1,14 @@
 """What a VAE socket carries for our AutoencoderKL loader: a real comfy.sd.VAE where ComfyUI can express the
 architecture, otherwise a stand-in with the members ComfyUI's VAE nodes use (decode, encode, their tiled variants,
 compression ratios, get_sd, ...). Latents are raw and unscaled, as everywhere in ComfyUI.
+
+Either way the VAE is tied to the vqcore model it was made from once, at load (`vqcore_handle`), and its tiled
+decode is vqcore's seamless one: core's VAE Decode (Tiled) and core's out-of-memory retry reach it on hosts with the
+`handles_tiling` hook (ComfyUI 0.33+). VAEs from ComfyUI's own loaders go the other way once: their weights become a
+vqcore model (kl_handle), which is how the Seamless VAE node and our tiled nodes take them.
 """
+
+import copy
 
 import torch
 
@@ -18,6 +25,7 @@ class VAEAdapter:
 
     latent_dim = 2
     output_channels = 3
+    handles_tiling = True
 
     def __init__(self, handle: compute.AutoencoderHandle):
         self.vqcore_handle = handle
@@ -55,10 +63,8 @@ class VAEAdapter:
         return compute.decode(self.vqcore_handle, latents=samples)
 
     def decode_tiled(self, samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
-        """ComfyUI's tile arguments are in latent cells; our tiling is seamless, so only the tile size matters."""
         self.check_latents(samples)
-        tile = max(tile_x or 64, tile_y or 64) * self.upscale_ratio
-        return compute.tiled_decode(self.vqcore_handle, samples, tile)
+        return compute.tiled_decode(self.vqcore_handle, samples, tile_pixels(self.vqcore_handle, tile_x, tile_y))
 
     def encode(self, pixel_samples):
         return compute.encode(self.vqcore_handle, compute.images_to_model(pixel_samples, self.downscale_ratio, "pixels"))
@@ -107,24 +113,52 @@ def ldm_state_dict(model: AutoencoderKL) -> dict:
     return state
 
 
+def tile_pixels(handle, tile_x, tile_y) -> int:
+    """Our tile edge in pixels for ComfyUI's tile arguments (latent cells, 64 by default); our tiling is seamless,
+    so the overlap arguments do not matter."""
+    return max(tile_x or 64, tile_y or 64) * handle.model.downscale_factor
+
+
+def seamless_decode_tiled(handle):
+    """The `first_stage_model.decode_tiled` that ComfyUI 0.33+ calls for a VAE with handles_tiling: the seamless
+    tiled decode, in the model's -1..1 range (ComfyUI maps it to 0..1 itself)."""
+    def decode_tiled(samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
+        return compute.tiled_decode_model_space(handle, samples, tile_pixels(handle, tile_x, tile_y))
+    return decode_tiled
+
+
 def vae_for_host(model: AutoencoderKL, name: str):
-    """comfy.sd.VAE inside ComfyUI (built from the LDM-layout weights, so every core node treats it as its own),
-    else the stand-in. fp16 always gets the stand-in: comfy.sd.VAE has no fallback for the fp16 overflow of SD-family
-    decoders (black images); ours recomputes in fp32. The vqcore config rides along for the seamless tiled nodes."""
+    """comfy.sd.VAE inside ComfyUI (built from the LDM-layout weights, so every core node treats it as its own, its
+    tiled decode ours), else the stand-in. fp16 always gets the stand-in: comfy.sd.VAE has no fallback for the fp16
+    overflow of SD-family decoders (black images); ours recomputes in fp32.
+
+    The vqcore model stays beside ComfyUI's copy of the weights: it is what the seamless tiler runs."""
+    handle = compute.AutoencoderHandle(model, name)
     config = comfy_config(model.config) if model.dtype != torch.float16 else None
     vae = None
     if config is not None:
-        vae = host.comfy_vae(ldm_state_dict(model), config, model.dtype, model.downscale_factor, model.latent_channels)
+        vae = host.comfy_vae(ldm_state_dict(model), config, model.dtype, model.downscale_factor,
+                             model.latent_channels, seamless_decode_tiled(handle))
     if vae is None:
-        vae = VAEAdapter(compute.AutoencoderHandle(model, name))
-    vae.vqcore_config = model.config
-    vae.vqcore_name = name
+        return VAEAdapter(handle)
+    vae.vqcore_handle = handle
     return vae
 
 
+def seamless_vae(vae, input_name):
+    """A VAE from any KL loader whose tiled decodes are seamless: ours are already; one from ComfyUI's own loaders
+    becomes a shallow copy (same weights, same memory management) routed to the vqcore model made from its weights."""
+    if isinstance(vae, VAEAdapter) or getattr(vae, "vqcore_handle", None) is not None:
+        return vae
+    handle = kl_handle(vae, input_name)
+    seamless = copy.copy(vae)
+    host.route_tiled_decode(seamless, seamless_decode_tiled(handle))
+    return seamless
+
+
 def kl_handle(vae, input_name):
-    """The vqcore model behind any ComfyUI VAE whose weights are an LDM/diffusers AutoencoderKL (ours, or one from
-    ComfyUI's own loaders), built once and cached on the VAE object."""
+    """The vqcore model behind any ComfyUI VAE whose weights are an LDM/diffusers AutoencoderKL: the one tied to our
+    VAEs at load, or, for one from ComfyUI's own loaders, one built from its weights once and cached on it."""
     if isinstance(vae, VAEAdapter):
         return vae.vqcore_handle
     cached = getattr(vae, "vqcore_handle", None)
@@ -133,11 +167,9 @@ def kl_handle(vae, input_name):
     if not hasattr(vae, "get_sd"):
         raise compute.VQCoreError(f"{input_name}: expected a VAE or VQ_VAE; got {type(vae).__name__}")
     with compute.input_errors(input_name):
-        state = to_diffusers_names({k: v for k, v in vae.get_sd().items()}, "the connected VAE")
-        config = dict(getattr(vae, "vqcore_config", None) or infer_config(state, "the connected VAE"))
-        if not config.get("use_quant_conv", True):  # drop the identity convs added for ComfyUI
-            state = {k: v for k, v in state.items() if not k.startswith(("quant_conv.", "post_quant_conv."))}
-        if infer_config(state, "the connected VAE")["_class_name"] != "AutoencoderKL":
+        state = to_diffusers_names(dict(vae.get_sd()), "the connected VAE")
+        config = infer_config(state, "the connected VAE")
+        if config["_class_name"] != "AutoencoderKL":
             raise compute.VQCoreError("the connected VAE is not an LDM/diffusers AutoencoderKL")
         with torch.device("meta"):  # the weights come from the VAE; skip random initialisation
             model = AutoencoderKL.from_config(config)
@@ -145,7 +177,6 @@ def kl_handle(vae, input_name):
             model.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:
             raise compute.VQCoreError(f"the connected VAE's weights do not fit an AutoencoderKL: {e}") from e
-    handle = compute.AutoencoderHandle(model.to(getattr(vae, "vae_dtype", torch.float32)),
-                                       getattr(vae, "vqcore_name", "VAE"))
+    handle = compute.AutoencoderHandle(model.to(getattr(vae, "vae_dtype", torch.float32)), "VAE")
     vae.vqcore_handle = handle
     return handle

@@ -1,5 +1,5 @@
 """A recording stand-in for the ComfyUI modules nodes/host.py talks to (comfy.model_management, comfy.model_patcher,
-comfy.utils, folder_paths). Every call lands in one ordered event list, so tests can assert what happened when."""
+comfy.utils, comfy.cli_args, folder_paths). Every call lands in one ordered event list, so tests can assert what happened when."""
 
 import types
 
@@ -21,10 +21,13 @@ class FakeHost:
         self.mm = self._model_management()
         self.model_patcher = types.SimpleNamespace(ModelPatcher=self._patcher_class())
         self.utils = types.SimpleNamespace(ProgressBar=self._progress_class())
+        # the user's preview method ("none" turns previews off) and size, as ComfyUI's arguments hold them
+        self.cli_args = types.SimpleNamespace(args=types.SimpleNamespace(preview_method="auto", preview_size=512),
+                                              LatentPreviewMethod=types.SimpleNamespace(NoPreviews="none"))
 
     def modules(self):
         return {"model_management": self.mm, "model_patcher": self.model_patcher, "utils": self.utils,
-                "folder_paths": self.folders}
+                "folder_paths": self.folders, "cli_args": self.cli_args}
 
     def _model_management(self):
         host = self

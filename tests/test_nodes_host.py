@@ -3,6 +3,7 @@ compute, batch slices sized by free memory, progress to the total, interrupt, OO
 model-folder registration."""
 
 import logging
+import types
 
 import pytest
 import torch
@@ -121,6 +122,34 @@ def test_out_of_memory_in_full_decode_falls_back_to_tiled_decode(pack, fake, cap
     assert (image - reference).abs().max() <= 2e-3, "the tiled fallback must equal the full decode"
 
 
+class AcceleratorError(RuntimeError):
+    """How ComfyUI 0.33 sees some device out-of-memory errors (torch.AcceleratorError), told apart by is_oom."""
+
+
+def test_out_of_memory_is_what_the_host_says_it_is(pack, fake, caplog):
+    """Where the host has is_oom (ComfyUI 0.33+), it decides; other errors still surface as themselves."""
+    (vq_vae,) = node(pack, "VQCoreLoadVQModel").load(VQ_FILE)
+    tokens = encode_tokens(pack, vq_vae, size=64)
+    (reference,) = node(pack, "VQCoreDecode").decode(vq_vae, tokens=tokens)
+    fake.mm.is_oom = lambda e: isinstance(e, AcceleratorError) and "out of memory" in str(e)
+    full_decode = vq_vae.model.decode_embeddings
+    for error, falls_back in ((AcceleratorError("CUDA error: out of memory"), True),
+                              (AcceleratorError("CUDA error: illegal memory access"), False)):
+        def failing(*args, **kwargs):
+            raise error
+
+        vq_vae.model.decode_embeddings = failing
+        try:
+            if falls_back:
+                (image,) = node(pack, "VQCoreDecode").decode(vq_vae, tokens=tokens)
+                assert (image - reference).abs().max() <= 2e-3
+            else:
+                with pytest.raises(AcceleratorError, match="illegal memory access"):
+                    node(pack, "VQCoreDecode").decode(vq_vae, tokens=tokens)
+        finally:
+            vq_vae.model.decode_embeddings = full_decode
+
+
 def test_out_of_memory_in_full_encode_falls_back_to_tiled_encode(pack, fake, caplog):
     (vae,) = node(pack, "VQCoreLoadAutoencoderKL").load("demo-sd-vae.safetensors")
     image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(2))
@@ -199,6 +228,16 @@ def test_sampler_loads_models_first_reports_progress_to_total_and_sends_previews
     assert out["ui"]["vqcore_sampler"][0]["steps"] == 8
 
 
+def test_sampler_sends_no_previews_when_the_user_turned_them_off(pack, fake, vq_diffusion):
+    model, positive, _ = vq_diffusion
+    fake.cli_args.args.preview_method = "none"  # ComfyUI's --preview-method none, or the front end's setting
+    fake.record_compute(model.vq.model.decoder, "preview_decode")
+    run_sampler(pack, model, positive)
+    bar = fake.progress_bars[-1]
+    assert bar.current == bar.total == 8 and bar.previews == []
+    assert ("preview_decode",) not in fake.events, "previews were decoded although none are shown"
+
+
 def test_interrupt_stops_the_sampler_within_one_step_and_leaves_inputs_untouched(pack, fake, vq_diffusion):
     model, positive, vq_vae = vq_diffusion
     image = torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(1))
@@ -217,18 +256,24 @@ def test_interrupt_stops_the_sampler_within_one_step_and_leaves_inputs_untouched
 
 
 class RecordingComfyVAE:
-    """Stands in for comfy.sd.VAE: records what our loader builds it from."""
+    """Stands in for comfy.sd.VAE: records what our loader builds it from; full decode as ComfyUI's (model space)."""
 
     def __init__(self, sd=None, device=None, config=None, dtype=None, metadata=None):
         self.sd, self.config, self.vae_dtype = sd, config, dtype
+        self.first_stage_model = types.SimpleNamespace()
+        self.handles_tiling = False
 
     def get_sd(self):
         return self.sd
 
 
-def test_autoencoder_kl_becomes_a_comfy_vae_built_from_ldm_weights(pack, demo_models):
-    import types
+def reference_decode(pack, path, latents):
+    model = pack.vqcore.loading.load_autoencoder_kl(path, "cpu")
+    with torch.no_grad():
+        return model.decode(latents)
 
+
+def test_autoencoder_kl_becomes_a_comfy_vae_built_from_ldm_weights(pack, demo_models):
     fake = FakeHost(demo_models, host_module(pack).PlainFolders)
     with bound_host(pack, **fake.modules(), sd=types.SimpleNamespace(VAE=RecordingComfyVAE)):
         loader = node(pack, "VQCoreLoadAutoencoderKL")
@@ -239,19 +284,54 @@ def test_autoencoder_kl_becomes_a_comfy_vae_built_from_ldm_weights(pack, demo_mo
         ddconfig = sd_vae.config["params"]["ddconfig"]
         assert (ddconfig["ch"], ddconfig["ch_mult"], ddconfig["z_channels"]) == (32, [1, 2], 4)
         assert "encoder.down.0.block.0.conv1.weight" in sd_vae.sd and sd_vae.sd["decoder.mid.attn_1.q.weight"].ndim == 4
-        assert (sd_vae.downscale_ratio, sd_vae.latent_channels, sd_vae.vqcore_config["scaling_factor"]) == (2, 4, 0.18215)
+        assert (sd_vae.downscale_ratio, sd_vae.latent_channels) == (2, 4)
+        # tied to its vqcore model at load: the model the weights came from, not one rebuilt from get_sd() later
+        assert sd_vae.vqcore_handle.model.config["scaling_factor"] == 0.18215
         # Flux has no quant convs; ComfyUI's LDM AutoencoderKL always does: identity convs keep the maths unchanged.
         assert torch.equal(flux.sd["quant_conv.weight"][:, :, 0, 0], torch.eye(32))
         assert torch.equal(flux.sd["post_quant_conv.weight"][:, :, 0, 0], torch.eye(16))
         assert type(half).__name__ == "VAEAdapter", "fp16 needs our overflow fallback"
+        assert half.handles_tiling
         # ComfyUI's VAE Encode (Tiled) on the stand-in: latents (the posterior mode) like its plain encode.
         pixels = torch.rand(1, 16, 16, 3, generator=torch.Generator().manual_seed(1))
         assert (half.encode_tiled(pixels, 8, 8) - half.encode(pixels)).abs().max() <= 1e-2  # fp16 model
-        # The seamless tiled node rebuilds the vqcore model from the comfy VAE's weights.
+        # The seamless tiled node decodes with the model tied to the VAE at load.
         latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
         out = node(pack, "VQCoreTiledVAEDecode").decode(flux, 32, samples={"samples": latents})
         assert out["result"][0].shape == (1, 16, 16, 3) and out["ui"]["vqcore_tiles"][0]["grid"] == [1, 1]
-        reference = pack.vqcore.loading.load_autoencoder_kl(demo_models / "vae" / "demo-flux-ae.safetensors", "cpu")
-        with torch.no_grad():
-            expected = ((reference.decode(latents) + 1) / 2).clamp(0, 1).movedim(1, -1)
-        assert (out["result"][0] - expected).abs().max() <= 2e-3
+        expected = reference_decode(pack, demo_models / "vae" / "demo-flux-ae.safetensors", latents)
+        assert (out["result"][0] - ((expected + 1) / 2).clamp(0, 1).movedim(1, -1)).abs().max() <= 2e-3
+
+
+def test_core_tiled_decode_of_our_comfy_vae_goes_to_the_seamless_tiler(pack, demo_models):
+    """ComfyUI 0.33 calls first_stage_model.decode_tiled(latents, tile_x=, tile_y=, overlap=) (latent cells) for a
+    VAE with handles_tiling and expects the model's -1..1 output; our tiles equal the full decode."""
+    fake = FakeHost(demo_models, host_module(pack).PlainFolders)
+    with bound_host(pack, **fake.modules(), sd=types.SimpleNamespace(VAE=RecordingComfyVAE)):
+        (vae,) = node(pack, "VQCoreLoadAutoencoderKL").load("demo-sd-vae.safetensors", dtype="fp32")
+        assert vae.handles_tiling
+        latents = torch.randn(1, 4, 24, 24, generator=torch.Generator().manual_seed(4))
+        fake.progress_bars.clear()
+        out = vae.first_stage_model.decode_tiled(latents, tile_x=8, tile_y=8, overlap=2)
+        bar = fake.progress_bars[-1]  # our tiler's: 48 px in 16 px tiles
+        assert bar.current == bar.total > 1
+    expected = reference_decode(pack, demo_models / "vae" / "demo-sd-vae.safetensors", latents)
+    assert out.shape == expected.shape and (out - expected).abs().max() <= 2e-3
+
+
+def test_seamless_vae_routes_a_core_vae_to_the_seamless_tiler_and_leaves_the_input_as_it_was(pack, demo_models):
+    fake = FakeHost(demo_models, host_module(pack).PlainFolders)
+    path = demo_models / "vae" / "demo-sd-vae.safetensors"
+    core_vae = RecordingComfyVAE(sd=pack.vqcore.checkpoint.read_state_dict(path), dtype=torch.float32)
+    with bound_host(pack, **fake.modules(), sd=types.SimpleNamespace(VAE=RecordingComfyVAE)):
+        (seamless,) = node(pack, "VQCoreSeamlessVAE").wrap(core_vae)
+        assert seamless is not core_vae and seamless.handles_tiling and not core_vae.handles_tiling
+        assert seamless.get_sd() is core_vae.sd, "the same weights, not a copy"
+        latents = torch.randn(1, 4, 24, 24, generator=torch.Generator().manual_seed(5))
+        out = seamless.first_stage_model.decode_tiled(latents, tile_x=8, tile_y=8, overlap=2)
+        (ours,) = node(pack, "VQCoreLoadAutoencoderKL").load("demo-sd-vae.safetensors", dtype="fp32")
+        assert node(pack, "VQCoreSeamlessVAE").wrap(ours)[0] is ours, "our VAEs are seamless already"
+        with pytest.raises(pack.vqcore.errors.VQCoreError, match="^vae: "):
+            node(pack, "VQCoreSeamlessVAE").wrap(RecordingComfyVAE(sd={"taesd_decoder.1.weight": torch.zeros(1)}))
+    expected = reference_decode(pack, path, latents)
+    assert (out - expected).abs().max() <= 2e-3

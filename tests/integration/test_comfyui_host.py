@@ -23,7 +23,7 @@ from workflows import (
 CONTRACT_NODES = [
     "VQCoreLoadVQModel", "VQCoreLoadAutoencoderKL", "VQCoreEncode", "VQCoreDecode", "VQCoreTiledVAEDecode",
     "VQCoreTiledVAEEncode", "VQCoreLoadVQDiffusion", "VQCoreCLIPTextEncode", "VQCoreVQDiffusionSampler",
-    "VQCoreTruncation",
+    "VQCoreTruncation", "VQCoreSeamlessVAE",
 ]
 PROMPT_TIMEOUT = 300
 
