@@ -71,10 +71,10 @@ def _load(path, device, dtype, family, variant, config, expected):
 
 
 def read_autoencoder(path, device="cpu", family="auto", variant=None, expected=None, config=None):
-    """(config, state dict in diffusers names, source) of the autoencoder a folder or single file holds, without
-    building a model; the torch loaders above and vqcore.flax both read through here. `expected` is a class name
-    ("VQModel", "AutoencoderKL") or None for either."""
-    return _read_autoencoder(path, torch.device(device), family, variant, expected, config)[:3]
+    """(config, state dict in diffusers names, source, file_name) of the autoencoder a folder or single file holds,
+    without building a model; the torch loaders above and vqcore.flax both read through here. `expected` is a class name
+    ("VQModel", "AutoencoderKL") or None for either; file_name(key) spells a diffusers key as the file does."""
+    return _read_autoencoder(path, torch.device(device), family, variant, expected, config)
 
 
 def _read_autoencoder(path, device, family, variant, expected, config):

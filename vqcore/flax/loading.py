@@ -37,12 +37,12 @@ def load_autoencoder_kl(path, dtype=jnp.float32, family="auto", variant=None):
     `family` and `variant` as for vqcore.load_autoencoder_kl.
     """
     dtype = resolve_dtype(dtype)
-    config, state, source = read_autoencoder(path, "cpu", family, variant, expected="AutoencoderKL")
+    config, state, source, file_name = read_autoencoder(path, "cpu", family, variant, expected="AutoencoderKL")
     try:
         model = FlaxAutoencoderKL(**model_fields(config), dtype=dtype)
     except (VQCoreError, TypeError) as e:  # as the torch loader: channel counts no GroupNorm divides, ...
         raise CheckpointError(f"{source}: {e}") from e
-    return model, params_from_state_dict(model, state, source)
+    return model, params_from_state_dict(model, state, source, file_name)
 
 
 def resolve_dtype(dtype):
@@ -73,11 +73,11 @@ def parameter_layout(model):
     return layout
 
 
-def params_from_state_dict(model, state, source):
+def params_from_state_dict(model, state, source, file_name=str):
     """The Flax parameter tree of `model` (in its dtype) from a diffusers-named state dict of torch tensors; a
     CheckpointError naming `source` when the state dict does not fit the model."""
     layout = parameter_layout(model)
-    check_keys({name: shape for name, (_, shape) in layout.items()}, state, "AutoencoderKL", source)
+    check_keys({name: shape for name, (_, shape) in layout.items()}, state, "AutoencoderKL", source, file_name)
     flat = {}
     for name, (path, _) in layout.items():
         tensor = state[name].detach().to("cpu", torch.float32).numpy()  # numpy has no bfloat16
