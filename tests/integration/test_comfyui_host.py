@@ -4,6 +4,7 @@ workflows through POST /prompt, validation and runtime errors, interrupt, and Co
 import io
 import re
 import time
+import urllib.error
 import urllib.parse
 
 import pytest
@@ -68,14 +69,24 @@ def test_every_node_registered_with_declared_inputs_and_outputs(object_info, pac
         assert info["description"], f"{node_id} has no DESCRIPTION"
 
 
+def help_page(comfy, node_id):
+    """A node's help page by the paths ComfyUI's front end asks for, in its order: docs/<id>/en.md, then docs/<id>.md."""
+    for page in (f"{node_id}/en.md", f"{node_id}.md"):
+        try:
+            with OPENER.open(f"{comfy.url}/extensions/{PACK_FOLDER}/docs/{page}", timeout=30) as r:
+                return r.read().decode()
+        except urllib.error.HTTPError as e:
+            if e.code != 404:
+                raise
+    raise AssertionError(f"no help page for {node_id} (docs/{node_id}/en.md or docs/{node_id}.md)")
+
+
 def test_front_end_files_and_node_docs_are_served(comfy, pack):
     extensions = comfy.get("/extensions")
     assert f"/extensions/{PACK_FOLDER}/vqcore_extension.js" in extensions
     assert f"/extensions/{PACK_FOLDER}/vqcore_panels.js" in extensions
     for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
-        # the path ComfyUI's front end asks for a custom node's help page
-        with OPENER.open(f"{comfy.url}/extensions/{PACK_FOLDER}/docs/{node_id}.md", timeout=30) as r:
-            doc = r.read().decode()
+        doc = help_page(comfy, node_id)
         declared = cls.INPUT_TYPES()
         names = [*declared["required"], *declared.get("optional", {}), *getattr(cls, "RETURN_NAMES", ())]
         missing = [name for name in names if f"`{name}`" not in doc]
