@@ -3,6 +3,8 @@
 Every config is a tiny random model whose norms and codebook are perturbed away from their trivial initial values.
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -12,17 +14,14 @@ from vqcore import autoencoder  # noqa: E402
 from vqcore.autoencoder import use_fast_path  # noqa: E402
 from vqcore.autoencoder_kl import AutoencoderKL  # noqa: E402
 from vqcore.loading import load_autoencoder_kl, load_vqmodel  # noqa: E402
+from vqcore.vq_model import VQModel  # noqa: E402
 
 ATOL = 1e-5  # max |difference| allowed for every float output of the fast path; indices must be equal
 # The exact path (the default) must be bit-identical. The fast path (channels-last maps, upsampling as a transposed
-# convolution) moves results by float32 rounding. Its CPU variants only start at sizes these tiny models never reach,
-# so two more paths force them: "fast-in-place" (every map normalised in place, one-row bands, ragged slices) and
-# "fast-winograd" (every resnet convolution by Winograd's algorithm).
-PATHS = ("exact", "fast", "fast-in-place", "fast-winograd")
-FORCED = {
-    "fast-in-place": dict(IN_PLACE_BYTES=0, BAND_BYTES=1, NORM_SLICE_PIXELS=7),
-    "fast-winograd": dict(WINOGRAD_CHANNELS=1),
-}
+# convolution, the pack's own GroupNorm on CPU) moves results by float32 rounding. "fast-sliced" forces what these
+# tiny models never reach: the GroupNorm's squared deviations summed one pixel row at a time.
+PATHS = ("exact", "fast", "fast-sliced")
+FORCED = {"fast-sliced": dict(NORM_SLICE_BYTES=1)}
 
 
 @pytest.fixture
@@ -171,6 +170,85 @@ def test_autoencoder_kl_matches_diffusers(name, path, tmp_path, on_path):
     assert_close(posterior.sample(generators), ref_posterior.sample(ref_generators), "per-item seeded sample", path)
 
     assert_close(ours.decode(sample), reference.decode(sample).sample, "decode", path)
+
+
+# Against the same model computed in float64 (diffusers'), the fast path must be as accurate as the exact path
+# (diffusers' float32 bits): its largest error may exceed the exact path's by float32 rounding, ROUNDING times the
+# magnitude of the output (16 float32 ulps; the exact and fast paths round in different orders).
+ROUNDING = 16 * torch.finfo(torch.float32).eps
+# A 3-level f4 VQ model as diffusers initialises it (norms at weight 1, bias 0): on a low-contrast image its feature
+# maps have a large mean against their spread, where torch's channels-last CPU GroupNorm loses precision.
+DEFAULT_INIT_F4 = dict(
+    config=dict(block_out_channels=[32, 64, 64], down_block_types=[D] * 3, up_block_types=[U] * 3,
+                layers_per_block=1, latent_channels=4, num_vq_embeddings=256, norm_num_groups=32),
+    image=(2, 3, 64, 64),
+)
+PRECISION_CONFIGS = {**VQ_CONFIGS, **KL_CONFIGS, "vq_f4_default_init": DEFAULT_INIT_F4}
+
+
+def low_contrast(shape, seed):
+    """A nearly flat grey image: pixels 0.6 +- 0.02."""
+    return 0.6 + 0.02 * image(shape, seed)
+
+
+def assert_as_accurate(fast, exact, truth, what):
+    """fast and exact: float32 outputs of the two paths; truth: the float64 one."""
+    fast_error, exact_error = ((out.double() - truth).abs().max().item() for out in (fast, exact))
+    bound = exact_error + ROUNDING * truth.abs().max().item()
+    assert fast_error <= bound, f"{what}: fast path {fast_error:.3g} from float64, exact path {exact_error:.3g}"
+
+
+@pytest.mark.parametrize("name", PRECISION_CONFIGS)
+@torch.inference_mode()
+def test_fast_path_is_as_accurate_as_the_exact_path(name):
+    """Encodes of an ordinary and a low-contrast image, decodes of the latents and of latents with a large mean
+    (3 +- 0.1): the fast path's distance from float64 is the exact path's up to float32 rounding."""
+    case = PRECISION_CONFIGS[name]
+    vq = name not in KL_CONFIGS
+    torch.manual_seed(1)
+    reference = (diffusers.VQModel if vq else diffusers.AutoencoderKL)(**case["config"]).eval()
+    if case is not DEFAULT_INIT_F4:
+        perturb(reference, seed=1)
+    exact = (VQModel if vq else AutoencoderKL).from_config(dict(reference.config))
+    exact.load_state_dict(reference.state_dict(), strict=True)
+    fast, float64 = use_fast_path(copy.deepcopy(exact)), copy.deepcopy(reference).double()
+    spatial = case["config"].get("norm_type") == "spatial"
+
+    if vq:
+        encode, encode64 = (lambda model, x: model.encode(x)), (lambda x: float64.encode(x).latents)
+        decode = lambda model, z: model.decode_embeddings(z)  # the decoder, without quantizing
+        decode64 = lambda z: float64.decoder(float64.post_quant_conv(z), z if spatial else None)
+    else:
+        encode = lambda model, x: model.encode(x).moments
+        encode64 = lambda x: float64.encode(x).latent_dist.parameters
+        decode, decode64 = (lambda model, z: model.decode(z)), (lambda z: float64.decode(z).sample)
+    images = {"an image": image(case["image"], seed=2), "a low-contrast image": low_contrast(case["image"], 2)}
+    for what, x in images.items():
+        assert_as_accurate(encode(fast, x), encode(exact, x), encode64(x.double()), f"encode of {what}")
+    latents = encode(exact, image(case["image"], seed=2))[:, :exact.latent_channels]
+    large_mean = 3 + 0.1 * torch.randn(latents.shape, generator=torch.Generator().manual_seed(3))
+    for what, z in (("latents", latents), ("latents with a large mean", large_mean)):
+        assert_as_accurate(decode(fast, z), decode(exact, z), decode64(z.double()), f"decode of {what}")
+
+
+@torch.inference_mode()
+def test_fast_path_quantizes_a_low_contrast_batch_like_the_exact_path():
+    """4096 tokens per image of a 3-level f4 VQ model over a low-contrast batch, with a codebook of 64 latent vectors
+    of another low-contrast image (so that many latents lie near the boundary between two codes): the fast path picks
+    the exact path's tokens (with torch's channels-last GroupNorm it flips about 20)."""
+    torch.manual_seed(0)
+    exact = VQModel(**DEFAULT_INIT_F4["config"]).eval()
+    other = exact.encode(low_contrast((1, 3, 256, 256), seed=3))
+    vectors = other.permute(0, 2, 3, 1).reshape(-1, other.shape[1])
+    chosen = torch.randperm(len(vectors), generator=torch.Generator().manual_seed(2))[:64]
+    exact.quantize.embedding.weight[:64] = vectors[chosen]
+    exact.quantize.embedding.weight[64:] = 10.0  # far from every latent
+    fast = use_fast_path(copy.deepcopy(exact))
+    x = low_contrast((2, 3, 256, 256), seed=1)
+    tokens = exact.quantize(exact.encode(x))[2]
+    assert len(tokens.unique()) > 32
+    flipped = (fast.quantize(fast.encode(x))[2] != tokens).sum().item()
+    assert flipped == 0, f"{flipped} of {tokens.numel()} tokens differ from the exact path's"
 
 
 def test_fp16_sample_is_drawn_in_half_precision():

@@ -8,10 +8,11 @@ Two ways to compute, chosen per model with `use_fast_path`:
   diffusers, so results are diffusers' bit for bit (on CPU a convolution gives slightly different results for a
   channels-last input than for a contiguous one, and the attention output is channels-last-strided);
 * fast: feature maps are channels-last in memory, where CPU convolutions run faster, and upsampling with
-  its convolution runs as one transposed convolution of the input (Upsample). Results move by float32 rounding, less
-  than diffusers' own results move between one and two CPU threads (bench/bench_autoencoders.py prints both).
-  On CPU, large maps are also normalised in place and receive their last convolution band by band (ResnetBlock), and
-  resnet convolutions with many channels on smaller maps run by Winograd's algorithm (ResnetConv).
+  its convolution runs as one transposed convolution of the input (Upsample). On CPU, GroupNorm is computed by the
+  pack's own two-pass statistics (torch's channels-last CPU kernel loses precision on maps with a large mean),
+  overwriting its input where nothing reads that later. Results move by float32 rounding and are as close to a
+  float64 computation as the exact path's (tests/test_autoencoder_parity.py); bench/bench_autoencoders.py times
+  both, also with one core kept busy.
 Where it changes neither values nor layouts, work is done in place (activations, SpatialNorm's scale and shift).
 """
 
@@ -22,7 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import VQCoreError
-from .winograd import winograd_conv3x3
 
 DOWN_BLOCK_TYPES = {"DownEncoderBlock2D": False, "AttnDownEncoderBlock2D": True}  # type -> has attention
 UP_BLOCK_TYPES = {"UpDecoderBlock2D": False, "AttnUpDecoderBlock2D": True}
@@ -37,69 +37,53 @@ ACTIVATIONS = {
     "gelu": lambda x: x.copy_(F.gelu(x)),
 }
 
-# On the fast path, a CPU map of IN_PLACE_BYTES or more is normalised in place and receives a convolution's output band
-# by band rather than in a fresh tensor: glibc gives every allocation from 32 MiB up fresh pages from the kernel, and
-# the first write to each page faults (on a 64 MiB map that costs about as much as the GroupNorm itself).
-IN_PLACE_BYTES = 32 << 20
-BAND_BYTES = 8 << 20  # one band of convolution output: small enough for the allocator to reuse
-NORM_SLICE_PIXELS = 2048  # normalised and activated together, while in cache
-# On the fast path, a resnet convolution with this many channels in and out, on a smaller float32 CPU map, runs by
-# Winograd's F(4x4, 3x3): about a third faster there (at 256 channels it only breaks even).
-WINOGRAD_CHANNELS = 512
+NORM_SLICE_BYTES = 16 << 20  # squared deviations are summed a slice of this size at a time, not in one full-size copy
 
 
-def cpu_float32(x):
-    """Where the fast path's CPU variants apply (their statistics and transforms are made for float32)."""
-    return x.device.type == "cpu" and x.dtype == torch.float32
+def group_statistics(channel_mean, channel_variance, groups):
+    """Per-group mean and variance from per-channel ones, (N, C) -> (N, groups) each: a group's variance is the mean
+    of its channels' variances plus the variance of their means. In float64, so that the merge itself loses nothing."""
+    n, c = channel_mean.shape
+    channel_mean = channel_mean.double().view(n, groups, c // groups)
+    mean = channel_mean.mean(-1)
+    spread = (channel_mean - mean[..., None]).square().mean(-1)
+    return mean, channel_variance.double().view(n, groups, c // groups).mean(-1) + spread
 
 
-def large_cpu_map(x):
-    return cpu_float32(x) and x.numel() * x.element_size() >= IN_PLACE_BYTES and x.is_contiguous(
-        memory_format=torch.channels_last)
-
-
-def group_norm_act_(x, norm, act):
-    """act(norm(x)) written over x, a channels-last map; norm is an nn.GroupNorm. Per-channel statistics in two passes
-    (mean, then squared deviations: no cancellation), combined into group statistics; then the affine map and the
-    activation, one slice of pixels at a time."""
+def group_norm_channels_last(x, norm, in_place):
+    """norm(x) (an nn.GroupNorm) for a CPU map, computed in its channels-last layout as accurately as torch's kernel
+    computes it on a contiguous map. torch's CPU kernel for channels-last maps sums x and x*x in one pass, which
+    cancels when a channel's mean is large against its spread (mean 3, std 0.1: off by 1e-3 instead of 4e-6). Here
+    per-channel means come first, then the squared deviations from them. With in_place, x is overwritten.
+    Half-precision maps are normalised in float32."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return group_norm_channels_last(x.float(), norm, True).to(x.dtype)
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        x, in_place = x.contiguous(memory_format=torch.channels_last), True
     n, c, h, w = x.shape
-    groups = norm.num_groups
     pixels = x.permute(0, 2, 3, 1).view(n, h * w, c)
-    slices = pixels.split(NORM_SLICE_PIXELS, 1)
     channel_mean = pixels.mean(1, keepdim=True)
-    squares = sum((part - channel_mean).square_().sum(1, keepdim=True) for part in slices)
-    # A group's variance is the mean of its channels' variances plus the variance of their means.
-    channel_mean = channel_mean.view(n, groups, -1)
-    mean = channel_mean.mean(-1, keepdim=True)
-    variance = (squares.view(n, groups, -1) / (h * w) + (channel_mean - mean).square()).mean(-1, keepdim=True)
-    scale = torch.rsqrt(variance + norm.eps) * norm.weight.view(groups, -1)
-    shift = norm.bias.view(groups, -1) - mean * scale
-    scale, shift = scale.view(n, 1, c), shift.view(n, 1, c)
-    for part in slices:
-        act(torch.addcmul(shift, part, scale, out=part))
-    return x
-
-
-def add_convolution_(target, conv, source):
-    """target += conv(source) for a 3x3, stride-1, zero-padded convolution, computed a band of rows at a time. A band
-    reads one row beyond its edges; at the top and bottom of the image the convolution pads itself and the row it
-    computes for the padding on the far side is dropped."""
-    height = source.shape[2]
-    rows = max(1, BAND_BYTES // (target[:, :, :1].numel() * target.element_size()))
-    for top in range(0, height, rows):
-        bottom = min(top + rows, height)
-        first, last = max(top - 1, 0), min(bottom + 1, height)
-        pad = int(first == top or last == bottom)
-        band = F.conv2d(source[:, :, first:last], conv.weight, conv.bias, padding=(pad, 1))
-        skip = top - first - 1 + pad
-        target[:, :, top:bottom].add_(band[:, :, skip:skip + bottom - top])
-    return target
+    centred = pixels.sub_(channel_mean) if in_place else pixels - channel_mean
+    rows = max(1, NORM_SLICE_BYTES // max(1, n * c * x.element_size()))
+    squares = sum(part.square().sum(1, keepdim=True) for part in centred.split(rows, 1))
+    mean, variance = group_statistics(channel_mean.view(n, c), squares.view(n, c) / (h * w), norm.num_groups)
+    # (x - group mean) * scale + bias == centred * scale + (bias + (channel mean - group mean) * scale)
+    per_channel = lambda t: t.repeat_interleave(c // norm.num_groups, dim=1)
+    scale = per_channel(torch.rsqrt(variance + norm.eps)) * norm.weight.double()
+    shift = norm.bias.double() + (channel_mean.view(n, c).double() - per_channel(mean)) * scale
+    torch.addcmul(shift.to(x.dtype).view(n, 1, c), centred, scale.to(x.dtype).view(n, 1, c), out=centred)
+    return centred.view(n, h, w, c).permute(0, 3, 1, 2)
 
 
 class GroupNorm(nn.GroupNorm):
-    """GroupNorm with the SpatialNorm call signature, so blocks call every norm as norm(x, zq)."""
+    """GroupNorm with the SpatialNorm call signature, so blocks call every norm as norm(x, zq). On the fast path, CPU
+    maps are normalised by group_norm_channels_last; `in_place` allows it to overwrite x (the exact path never does)."""
 
-    def forward(self, x, zq=None):
+    fast = False  # see use_fast_path
+
+    def forward(self, x, zq=None, in_place=False):
+        if self.fast and x.device.type == "cpu" and x.ndim == 4:
+            return group_norm_channels_last(x, self, in_place)
         return super().forward(x)
 
 
@@ -108,15 +92,15 @@ class SpatialNorm(nn.Module):
 
     def __init__(self, f_channels, zq_channels):
         super().__init__()
-        self.norm_layer = nn.GroupNorm(SPATIAL_NORM_GROUPS, f_channels, eps=1e-6)
+        self.norm_layer = GroupNorm(SPATIAL_NORM_GROUPS, f_channels, eps=1e-6)
         self.conv_y = nn.Conv2d(zq_channels, f_channels, 1)
         self.conv_b = nn.Conv2d(zq_channels, f_channels, 1)
 
-    def forward(self, f, zq):
+    def forward(self, f, zq, in_place=False):
         if zq is None:
             raise VQCoreError("a spatial-norm (MoVQ) decoder needs the quantized latents zq; got zq=None")
         zq = F.interpolate(zq, size=f.shape[-2:], mode="nearest")
-        return self.norm_layer(f).mul_(self.conv_y(zq)).add_(self.conv_b(zq))
+        return self.norm_layer(f, in_place=in_place).mul_(self.conv_y(zq)).add_(self.conv_b(zq))
 
 
 def make_norm(channels, groups, zq_channels):
@@ -124,21 +108,6 @@ def make_norm(channels, groups, zq_channels):
     if zq_channels:
         return SpatialNorm(channels, zq_channels)
     return GroupNorm(groups, channels, eps=1e-6)
-
-
-class ResnetConv(nn.Conv2d):
-    """A resnet's 3x3 convolution, by Winograd's algorithm (winograd.py) where the fast path prefers it."""
-
-    fast = False  # see use_fast_path
-
-    def __init__(self, in_channels, out_channels):
-        super().__init__(in_channels, out_channels, 3, padding=1)
-
-    def forward(self, x):
-        if (self.fast and cpu_float32(x) and not large_cpu_map(x)
-                and min(self.in_channels, self.out_channels) >= WINOGRAD_CHANNELS):
-            return winograd_conv3x3(x, self.weight, self.bias)
-        return super().forward(x)
 
 
 class ResnetBlock(nn.Module):
@@ -150,28 +119,21 @@ class ResnetBlock(nn.Module):
         super().__init__()
         self.act = ACTIVATIONS[act_fn]
         self.norm1 = make_norm(in_channels, groups, zq_channels)
-        self.conv1 = ResnetConv(in_channels, out_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = make_norm(out_channels, groups, zq_channels)
-        self.conv2 = ResnetConv(out_channels, out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x, zq=None):
-        if self.fast and large_cpu_map(x) and isinstance(self.norm1, GroupNorm):
-            return self.forward_in_place(x)
-        h = self.conv1(self.act(self.norm1(x, zq)))
-        h = self.conv2(self.act(self.norm2(h, zq)))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        # On the fast path the norms may overwrite their input where nothing reads it later: conv1's output always,
+        # the block's input once the 1x1 shortcut has been made from it (the encoder and decoder never reuse it).
+        # That saves a full-size map per norm, and on CPU the page faults of its first touch.
+        h = self.conv1(self.act(self.norm1(x, zq, in_place=self.fast and shortcut is not x)))
+        h = self.conv2(self.act(self.norm2(h, zq, in_place=self.fast)))
         if self.fast:  # every map is channels-last: the sum can go into h
             return h.add_(shortcut)
         return shortcut + h  # not h.add_(...): the sum must take the shortcut's memory layout, as in diffusers
-
-    def forward_in_place(self, x):
-        """The fast path's computation on a large CPU map, overwriting x (the encoder and decoder never reuse a block's
-        input). The only full-size tensors made are conv1's output and the 1x1 shortcut's."""
-        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        h = self.act(self.norm1(x)) if shortcut is x else group_norm_act_(x, self.norm1, self.act)
-        h = group_norm_act_(self.conv1(h), self.norm2, self.act)
-        return add_convolution_(shortcut, self.conv2, h)
 
 
 class Attention(nn.Module):
@@ -184,7 +146,7 @@ class Attention(nn.Module):
         if zq_channels:
             self.spatial_norm = SpatialNorm(channels, zq_channels)
         else:
-            self.group_norm = nn.GroupNorm(groups, channels, eps=1e-6)
+            self.group_norm = GroupNorm(groups, channels, eps=1e-6)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
@@ -318,7 +280,7 @@ class Encoder(nn.Module):
             channels = out
         self.down_blocks = nn.ModuleList(levels)
         self.mid_block = MidBlock(channels, norm_num_groups, act_fn, mid_block_add_attention)
-        self.conv_norm_out = nn.GroupNorm(norm_num_groups, channels, eps=1e-6)
+        self.conv_norm_out = GroupNorm(norm_num_groups, channels, eps=1e-6)
         self.conv_out = nn.Conv2d(channels, out_channels, 3, padding=1)
 
     def forward(self, x):
@@ -326,7 +288,7 @@ class Encoder(nn.Module):
         for level in self.down_blocks:
             x = level(x)
         x = self.mid_block(x)
-        x = self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))  # SiLU here whatever act_fn says
+        x = self.conv_out(F.silu(self.conv_norm_out(x, in_place=self.fast), inplace=True))  # SiLU whatever act_fn says
         return x.contiguous() if self.fast else x
 
 
@@ -361,11 +323,7 @@ class Decoder(nn.Module):
         x = self.mid_block(x, zq)
         for level in self.up_blocks:
             x = level(x, zq)
-        if self.fast and large_cpu_map(x) and isinstance(self.conv_norm_out, GroupNorm):
-            x = group_norm_act_(x, self.conv_norm_out, ACTIVATIONS["silu"])
-        else:
-            x = F.silu(self.conv_norm_out(x, zq), inplace=True)
-        x = self.conv_out(x)
+        x = self.conv_out(F.silu(self.conv_norm_out(x, zq, in_place=self.fast), inplace=True))
         return x.contiguous() if self.fast else x
 
 
@@ -374,7 +332,7 @@ def use_fast_path(model, enabled=True):
     upsampling as a transposed convolution; on CPU also in-place work on large maps and Winograd convolutions) or back
     to diffusers' exact computation; returns the model."""
     for module in model.modules():
-        if isinstance(module, (Encoder, Decoder, ResnetBlock, ResnetConv, Attention, Upsample)):
+        if isinstance(module, (Encoder, Decoder, ResnetBlock, GroupNorm, Attention, Upsample)):
             module.fast = enabled
     return model
 
