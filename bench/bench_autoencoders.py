@@ -1,18 +1,21 @@
 """Wall time of vqcore's autoencoders against diffusers' at 512x512 (fp32), in one process, same random weights.
 
-    python bench/bench_autoencoders.py [--repeats 3] [--size 512] [--threads N]
+    python bench/bench_autoencoders.py [--repeats 5] [--size 512] [--threads N]
 
 vqcore runs twice: on its exact path (the default: diffusers' bits) and on its fast path (vqcore.use_fast_path:
-channels-last maps, upsampling as a transposed convolution, in-place work on large maps, Winograd convolutions at 512
-channels; what the ComfyUI nodes and the command line use). Prints the median wall time of each, the ratio
-vqcore / diffusers (below 1 means vqcore is faster) and the largest difference from diffusers' output; for the ithq
-decode also each side's difference from a float64 decode. All run under torch.inference_mode(), in turn, so that
-changing machine load hits them alike.
+channels-last maps, upsampling as a transposed convolution, the pack's own GroupNorm; what the ComfyUI nodes and the
+command line use). Prints the median wall time of each, the ratio vqcore / diffusers (below 1 means vqcore is faster),
+the ratio fast / exact and the largest difference from diffusers' output; for the ithq decode also each side's
+difference from a float64 decode. Every benchmark runs twice: on the machine as it is, and while a second process
+(started and stopped here) keeps one core busy with a CPU-bound loop. All run under torch.inference_mode(), in turn,
+so that changing machine load hits them alike.
 """
 
 import argparse
 import copy
+import contextlib
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -53,10 +56,36 @@ def timed(run):
     return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
+@contextlib.contextmanager
+def one_core_busy(enabled):
+    """While enabled, a second Python process spins on one core."""
+    if not enabled:
+        yield
+        return
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # let it start spinning
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
 def compare(label, runs_by_side, repeats):
-    """runs_by_side: {"exact": f, "fast": f, "diffusers": f}. Runs them in turn `repeats` times; prints each vqcore
-    side's median wall time, its ratio to diffusers', the ratio of process CPU times (steadier on a shared machine)
-    and the largest output difference. Returns {side: ratio}."""
+    """runs_by_side: {"exact": f, "fast": f, "diffusers": f}. Runs them in turn `repeats` times, on the machine as it
+    is and then with one core busy; prints each vqcore side's median wall time, its ratio to diffusers', the ratio of
+    process CPU times (steadier on a shared machine), the largest output difference, and fast / exact.
+    Returns {(side, condition): ratio to diffusers}."""
+    ratios = {}
+    for busy in (False, True):
+        condition = "one core busy" if busy else "as is"
+        with one_core_busy(busy):
+            ratios.update({(side, condition): r for side, r in
+                           compare_once(f"{label} ({condition})", runs_by_side, repeats).items()})
+    return ratios
+
+
+def compare_once(label, runs_by_side, repeats):
     results = {side: [] for side in runs_by_side}
     for _ in range(repeats):
         for side, run in runs_by_side.items():
@@ -68,15 +97,17 @@ def compare(label, runs_by_side, repeats):
     for side in ("exact", "fast"):
         diff = (results[side][0][0] - reference).abs().max().item()
         ratios[side] = wall[side] / wall["diffusers"]
-        print(f"{label:<20} {side:5s} vqcore {wall[side]:6.2f} s  diffusers {wall['diffusers']:6.2f} s  "
+        print(f"{label:<36} {side:5s} vqcore {wall[side]:6.2f} s  diffusers {wall['diffusers']:6.2f} s  "
               f"ratio {ratios[side]:4.2f}  (CPU-time ratio {cpu[side] / cpu['diffusers']:4.2f})  max|diff| {diff:.1e}",
               flush=True)
+    print(f"{label:<36} fast / exact {wall['fast'] / wall['exact']:4.2f}"
+          + ("  (fast path SLOWER)" if wall["fast"] > wall["exact"] else ""), flush=True)
     return ratios
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
@@ -117,7 +148,9 @@ def main():
             print(f"ithq VQ-VAE decode, {side} (fp32) vs diffusers in float64: max|diff| "
                   f"{(run().double() - truth).abs().max().item():.1e}")
     for side in ("exact", "fast"):
-        print(f"ratios vqcore ({side} path) / diffusers: " + ", ".join(f"{k} {v[side]:.2f}" for k, v in ratios.items()))
+        for condition in ("as is", "one core busy"):
+            print(f"ratios vqcore ({side} path) / diffusers, {condition}: "
+                  + ", ".join(f"{k} {v[side, condition]:.2f}" for k, v in ratios.items()))
 
 
 if __name__ == "__main__":
