@@ -3,6 +3,7 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from vqcore.__main__ import main
@@ -77,3 +78,69 @@ def test_roundtrip_family_option_and_errors(demo_models, tmp_path, capsys):
     assert main(["roundtrip", flux, str(tmp_path / "missing.png"), str(tmp_path / "y.png"), "--device", "cpu"]) == 1
     assert "missing.png" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["{out_dir}/missing-folder/out.png"], "missing-folder does not exist"),
+    (["{out_dir}/out.png", "--size", "-5"], "--size must be a positive integer; got -5"),
+    (["{out_dir}/out.jpg"], "out.jpg: the output must be a .png file"),
+    (["{out_dir}"], "is a folder"),
+], ids=["missing folder", "negative size", "not a png", "folder as output"])
+def test_roundtrip_checks_its_arguments_before_loading(demo_models, tmp_path, capsys, monkeypatch, arguments, message):
+    import vqcore.loading
+
+    monkeypatch.setattr(vqcore.loading, "load_autoencoder", lambda *a, **kw: pytest.fail("loaded before checking"))
+    args = [a.format(out_dir=tmp_path) for a in arguments]
+    assert main(["roundtrip", str(demo_models / "vq_models/demo-movq.safetensors"), *args, "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1  # one line, no traceback
+    assert not list(tmp_path.rglob("*.png"))
+
+
+def test_generate_checks_its_output_before_loading(tmp_path, capsys):
+    assert main(["generate", "a cube", str(tmp_path / "no-such-dir" / "x.png"), "--checkpoint", str(tmp_path)]) == 1
+    assert "no-such-dir does not exist" in capsys.readouterr().err
+
+
+def damaged_copy(source, path, key, value):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(source)
+    state[key] = torch.full_like(state[key], value)
+    save_file(state, path)
+    return path
+
+
+def test_roundtrip_of_a_nan_weight_file_exits_non_zero_without_png(demo_models, tmp_path, capsys):
+    model = damaged_copy(demo_models / "vq_models/demo-vq-f8.safetensors", tmp_path / "nan.safetensors",
+                         "decoder.conv_out.bias", float("nan"))
+    out = tmp_path / "out.png"
+    assert main(["roundtrip", str(model), str(out), "--size", "32", "--device", "cpu"]) == 1
+    assert "nan.safetensors: weight decoder.conv_out.bias holds 3 NaN" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_nan_output_is_an_error_not_a_black_png(tmp_path):
+    from vqcore.__main__ import save_png
+    from vqcore.errors import VQCoreError
+
+    images = torch.zeros(1, 3, 8, 8)
+    images[0, 0, 0, 0] = float("nan")
+    with pytest.raises(VQCoreError, match=r"out\.png: not written: the model produced NaN"):
+        save_png(images, tmp_path / "out.png")
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_roundtrip_config_option(demo_models, tmp_path, capsys):
+    import yaml
+
+    config = tmp_path / "vae.yaml"
+    config.write_text(yaml.safe_dump({"model": {"params": {"scale_factor": 0.5, "embed_dim": 4,
+                                                           "ddconfig": {"double_z": True, "z_channels": 4}}}}))
+    sd_vae = str(demo_models / "vae/demo-sd-vae.safetensors")
+    assert main(["roundtrip", sd_vae, str(tmp_path / "a.png"), "--config", str(config), "--size", "16", "--device", "cpu"]) == 0
+    assert "scaling_factor 0.5" in capsys.readouterr().out
+    config.write_text(yaml.safe_dump({"model": {"params": {"ddconfig": {"double_z": False}}}}))
+    assert main(["roundtrip", sd_vae, str(tmp_path / "b.png"), "--config", str(config), "--device", "cpu"]) == 1
+    assert "vae.yaml: ddconfig double_z: False describes a VQ autoencoder" in capsys.readouterr().err
+    assert not (tmp_path / "b.png").exists()

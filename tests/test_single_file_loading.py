@@ -3,6 +3,7 @@ files (the tests' own mapping in ldm_layout.py), loaded by vqcore with the confi
 compared with diffusers on the same weights: fp32, CPU, max |Δ| ≤ 1e-5, codebook indices identical."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -291,3 +292,180 @@ def test_vq_family_identified_from_published_shapes(family, config):
     from vqcore.vae_layouts import identify_vq_family
 
     assert identify_vq_family(config) == family
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Config overrides: config=, a config file beside the weights, checked against the weights
+
+
+def ldm_yaml(ref, kl, **extra_ddconfig):
+    """The taming / LDM YAML that describes a diffusers model `ref` (as the original repositories ship it)."""
+    c = ref.config
+    boc = list(c.block_out_channels)
+    resolution = 64
+    attention = [resolution // 2**i for i, t in enumerate(c.down_block_types) if t.startswith("Attn")]
+    ddconfig = {"double_z": kl, "z_channels": c.latent_channels, "resolution": resolution, "in_channels": c.in_channels,
+                "out_ch": c.out_channels, "ch": boc[0], "ch_mult": [b // boc[0] for b in boc],
+                "num_res_blocks": c.layers_per_block, "attn_resolutions": attention, "dropout": 0.0, **extra_ddconfig}
+    params = {"embed_dim": c.latent_channels if kl else c.vq_embed_dim or c.latent_channels, "ddconfig": ddconfig,
+              "lossconfig": {"target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
+                             "params": {"disc_start": 10000}}}
+    if not kl:
+        params["n_embed"] = c.num_vq_embeddings
+    target = "ldm.models.autoencoder.AutoencoderKL" if kl else "taming.models.vqgan.VQModel"
+    return {"model": {"base_learning_rate": 4.5e-6, "target": target, "params": params}}
+
+
+def write_yaml(path, doc):
+    import yaml
+
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def exact_outputs(model, size=16):
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        if hasattr(model, "quantize"):
+            latents = model.encode(x)
+            return latents, model.quantize(latents)[2], model.decode(latents)
+        mean = model.encode(x).mean
+        return mean, model.decode(mean)
+
+
+def assert_identical(model, other):
+    assert model.state_dict().keys() == other.state_dict().keys()
+    for a, b in zip(exact_outputs(model), exact_outputs(other)):
+        assert torch.equal(a, b)  # max |Δ| = 0: the same weights and config on the exact path
+
+
+def eight_group_kl(seed=20):
+    torch.manual_seed(seed)
+    model = diffusers.AutoencoderKL(block_out_channels=(24, 48), down_block_types=[D, D], up_block_types=[U, U],
+                                    layers_per_block=1, latent_channels=4, norm_num_groups=8)
+    return perturbed(model, seed)
+
+
+def test_ldm_file_with_8_groups_through_a_sidecar_yaml_and_config(tmp_path, caplog):
+    ref = eight_group_kl()
+    ref.save_pretrained(tmp_path / "diffusers-vae")
+    from_folder = load_autoencoder_kl(tmp_path / "diffusers-vae", device="cpu")
+    save_file(to_original_layout(weights(ref)), tmp_path / "kl-f4-8g.safetensors")
+
+    with pytest.raises(CheckpointError, match=r"kl-f4-8g\.safetensors: the widths \[24, 48\] are not multiples of 32"):
+        load_autoencoder_kl(tmp_path / "kl-f4-8g.safetensors", device="cpu")
+
+    yaml_file = write_yaml(tmp_path / "kl-f4-8g.yaml", ldm_yaml(ref, kl=True, norm_num_groups=8))
+    with caplog.at_level(logging.INFO, logger="vqcore"):
+        from_sidecar = load_autoencoder_kl(tmp_path / "kl-f4-8g.safetensors", device="cpu")
+    assert "kl-f4-8g.safetensors: using the config file beside it, kl-f4-8g.yaml" in caplog.text
+    assert from_sidecar.config["norm_num_groups"] == 8 and from_sidecar.config["sample_size"] == 64
+    assert_identical(from_sidecar, from_folder)
+    assert_kl_matches(from_sidecar, ref)
+
+    yaml_file.rename(tmp_path / "elsewhere.yaml")
+    for config in ({"norm_num_groups": 8}, tmp_path / "elsewhere.yaml", str(tmp_path / "diffusers-vae" / "config.json")):
+        assert_identical(load_autoencoder_kl(tmp_path / "kl-f4-8g.safetensors", device="cpu", config=config), from_folder)
+
+
+def test_taming_vq_file_with_a_sidecar_yaml(tmp_path):
+    ref = vq_model(21, boc=(32, 64, 64), latent=4, embed_dim=3, codes=32, layers=2)
+    ref.save_pretrained(tmp_path / "diffusers-vq")
+    torch.save({"state_dict": to_original_layout(weights(ref))}, tmp_path / "vqgan.ckpt")
+    write_yaml(tmp_path / "vqgan.yaml", ldm_yaml(ref, kl=False))
+    model = load_vqmodel(tmp_path / "vqgan.ckpt", device="cpu")
+    assert (model.config["sample_size"], model.config["vq_embed_dim"], model.config["num_vq_embeddings"]) == (64, 3, 32)
+    assert_identical(model, load_vqmodel(tmp_path / "diffusers-vq", device="cpu"))
+    assert_vq_matches(model, ref)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda dd, p: dd.update(ch_mult=[1, 4]), r"ddconfig ch: 24 × ch_mult: \[1, 4\] gives block_out_channels = \[24, 96\], "
+                                              r"but the weights of .*kl\.safetensors say \[24, 48\]"),
+    (lambda dd, p: dd.update(attn_resolutions=[32]), r"ddconfig attn_resolutions: \[32\] at resolution 64 gives down_block_types"),
+    (lambda dd, p: dd.update(z_channels=8) or p.update(embed_dim=8), r"ddconfig z_channels gives latent_channels = 8, but .* say 4"),
+    (lambda dd, p: dd.update(num_res_blocks=2), r"ddconfig num_res_blocks gives layers_per_block = 2, but .* say 1"),
+    (lambda dd, p: dd.update(double_z=False), r"ddconfig double_z: False describes a VQ autoencoder \(VQModel\), but the "
+                                              r"weights of .*kl\.safetensors are a KL autoencoder"),
+    (lambda dd, p: p.update(n_embed=16), r"num_vq_embeddings is a field of a VQ autoencoder"),
+    (lambda dd, p: dd.update(norm_num_groups=7), r"kl\.safetensors: block_out_channels \[24, 48\] must be multiples of norm_num_groups=7"),
+    (lambda dd, p: dd.update(attn_type="linear"), r"kl\.yaml: ddconfig attn_type: linear is not supported"),
+], ids=["widths", "attention levels", "latent channels", "layers", "kind", "field of the other kind", "groups", "attention type"])
+def test_sidecar_that_contradicts_the_weights(tmp_path, change, message):
+    ref = eight_group_kl()
+    save_file(to_original_layout(weights(ref)), tmp_path / "kl.safetensors")
+    doc = ldm_yaml(ref, kl=True, norm_num_groups=8)
+    change(doc["model"]["params"]["ddconfig"], doc["model"]["params"])
+    write_yaml(tmp_path / "kl.yaml", doc)
+    with pytest.raises(CheckpointError, match=message):
+        load_autoencoder(tmp_path / "kl.safetensors", device="cpu")
+
+
+def test_config_sets_what_shapes_cannot_tell(tmp_path):
+    vq = vq_model(22, boc=(32, 64), latent=4, codes=32)
+    save_file(to_original_layout(weights(vq)), tmp_path / "vq.safetensors")
+    fields = {"act_fn": "silu", "sample_size": 128, "scaling_factor": 0.5, "force_upcast": True, "lookup_from_codebook": True}
+    model = load_vqmodel(tmp_path / "vq.safetensors", device="cpu", config=fields)
+    assert fields.items() <= model.config.items()
+    kl = kl_model(23)
+    save_file(to_original_layout(weights(kl)), tmp_path / "kl.safetensors")
+    fields = {"scaling_factor": 0.3, "shift_factor": 0.1, "force_upcast": False, "sample_size": 256}
+    assert fields.items() <= load_autoencoder_kl(tmp_path / "kl.safetensors", device="cpu", config=fields).config.items()
+    with pytest.raises(CheckpointError, match=r"act_fn 'gelu_tanh' is not supported"):
+        load_autoencoder_kl(tmp_path / "kl.safetensors", device="cpu", config={"act_fn": "gelu_tanh"})
+    with pytest.raises(CheckpointError, match=r"config=: unknown config field 'norm_groups'"):
+        load_autoencoder_kl(tmp_path / "kl.safetensors", device="cpu", config={"norm_groups": 8})
+    with pytest.raises(CheckpointError, match=r"config=: block_out_channels gives block_out_channels = \[32, 32\], but the "
+                                              r"weights of .*kl\.safetensors say \[32, 64\]"):
+        load_autoencoder_kl(tmp_path / "kl.safetensors", device="cpu", config={"block_out_channels": [32, 32]})
+
+
+def test_sd_inference_yaml_beside_a_full_checkpoint(tmp_path):
+    ref = kl_model(24)
+    vae = {f"first_stage_model.{k}": v for k, v in to_original_layout(weights(ref)).items()}
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3), **vae}, tmp_path / "sd.safetensors")
+    first_stage = ldm_yaml(ref, kl=True)["model"]
+    write_yaml(tmp_path / "sd.yaml", {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": {
+        "scale_factor": 0.13025, "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel"},
+        "first_stage_config": first_stage}}})
+    model = load_autoencoder_kl(tmp_path / "sd.safetensors", device="cpu")
+    assert model.config["scaling_factor"] == 0.13025  # the YAML's, over the guess from the neighbouring keys
+    assert load_autoencoder_kl(tmp_path / "sd.safetensors", device="cpu", family="sd1").config["scaling_factor"] == 0.18215
+    assert_kl_matches(model, ref)
+
+
+def test_json_sidecar_and_config_json_folder(tmp_path):
+    ref = eight_group_kl(25)
+    save_file(to_original_layout(weights(ref)), tmp_path / "vae.safetensors")
+    (tmp_path / "vae.json").write_text(json.dumps({"norm_num_groups": 8, "scaling_factor": 0.25}))
+    model = load_autoencoder(tmp_path / "vae.safetensors", device="cpu")
+    assert (model.config["norm_num_groups"], model.config["scaling_factor"]) == (8, 0.25)
+    write_yaml(tmp_path / "vae.yaml", {"norm_num_groups": 8})
+    with pytest.raises(CheckpointError, match=r"vae\.safetensors: several config files beside it \(vae\.yaml, vae\.json\)"):
+        load_autoencoder(tmp_path / "vae.safetensors", device="cpu")
+    assert load_autoencoder(tmp_path / "vae.safetensors", device="cpu", config={"norm_num_groups": 8}).config["scaling_factor"] == 0.18215
+
+
+def test_folder_config_json_that_contradicts_its_weights(tmp_path):
+    ref = kl_model(26)
+    ref.save_pretrained(tmp_path / "vae")
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({**config, "latent_channels": 8}))
+    with pytest.raises(CheckpointError, match=r"vae/config\.json: latent_channels gives latent_channels = 8, but the weights "
+                                              r"of .*vae say 4"):
+        load_autoencoder_kl(tmp_path / "vae", device="cpu")
+    assert load_autoencoder_kl(tmp_path / "vae", device="cpu", config={"latent_channels": 4}).config["latent_channels"] == 4
+
+
+def test_loader_node_picks_up_the_sidecar(pack, tmp_path):
+    from nodes_support import plain_host
+
+    ref = eight_group_kl(27)
+    (tmp_path / "models" / "vae").mkdir(parents=True)
+    save_file(to_original_layout(weights(ref)), tmp_path / "models" / "vae" / "kl-8g.safetensors")
+    write_yaml(tmp_path / "models" / "vae" / "kl-8g.yaml", ldm_yaml(ref, kl=True, norm_num_groups=8))
+    with plain_host(pack, tmp_path / "models"):
+        loader = pack.NODE_CLASS_MAPPINGS["VQCoreLoadAutoencoderKL"]
+        assert loader.INPUT_TYPES()["required"]["vae_name"][0] == ["kl-8g.safetensors"]  # the YAML is no model
+        (vae,) = loader().load("kl-8g.safetensors", dtype="fp32")
+    assert vae.vqcore_handle.model.config["norm_num_groups"] == 8

@@ -95,10 +95,10 @@ def run_roundtrip(args):
 
 def check_output(path):
     """The PNG path can be written: checked before any work, so that a typo costs no model run."""
-    if path.suffix.lower() != ".png":
-        raise VQCoreError(f"{path}: the output must be a .png file")
     if path.is_dir():
         raise VQCoreError(f"{path}: is a folder; give the PNG file to write")
+    if path.suffix.lower() != ".png":
+        raise VQCoreError(f"{path}: the output must be a .png file")
     if not path.parent.is_dir():
         raise VQCoreError(f"{path}: the folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK):

@@ -25,7 +25,7 @@ from .autoencoder_kl import AutoencoderKL
 from .checkpoint import read_config, read_folder_state_dict, read_state_dict
 from .devices import resolve_device, resolve_dtype
 from .errors import CheckpointError, VQCoreError
-from .vae_config import DESCRIPTIONS, apply_override, folder_override, read_override, sidecar_override
+from .vae_config import DESCRIPTIONS, apply_overrides, folder_override, read_override, sidecar_override
 from .vae_layouts import (
     apply_family,
     file_key_names,
@@ -94,8 +94,7 @@ def _read_autoencoder(path, device, family, variant, expected, config):
         overrides = [sidecar] if sidecar else []
     if config is not None:
         overrides.append(read_override(config))
-    for override in overrides:
-        model_config = apply_override(model_config, shapes, override, source)
+    model_config = apply_overrides(model_config, shapes, overrides, source)
     model_config = with_norm_defaults(model_config, source)
     class_name = model_config["_class_name"]
     if expected and class_name != expected:

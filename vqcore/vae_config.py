@@ -200,40 +200,43 @@ def folder_override(config_json: dict, path, class_name) -> ConfigOverride:
     return ConfigOverride({**defaults, **config_json}, str(path), origins, strict=False)
 
 
-def apply_override(config: dict, shapes: dict, override: ConfigOverride, source) -> dict:
-    """config updated with the override's fields, each checked: it must belong to the model the weights hold, and
-    agree with the weights where they determine it."""
+def apply_overrides(config: dict, shapes: dict, overrides, source) -> dict:
+    """config updated with the overrides' fields, later ones winning; each field must belong to the model the
+    weights hold, and the value that wins must agree with the weights where they determine it (a contradiction
+    names the override that set it)."""
     class_name = shapes["_class_name"]
-    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in override.fields.items()}
-    given_class = fields.pop("_class_name", None)
-    if given_class in DESCRIPTIONS and given_class != class_name:
-        origin = override.origins.get("_class_name", f"_class_name: {given_class}")
-        raise CheckpointError(f"{override.source}: {origin} describes {DESCRIPTIONS[given_class]}, but the weights "
-                              f"of {source} are {DESCRIPTIONS[class_name]}")
     other = next(name for name in CLASS_FIELDS if name != class_name)
-    accepted = {}
-    for name, value in fields.items():
-        if name.startswith("_"):
-            continue
-        if name not in CLASS_FIELDS[class_name]:
-            if name in CLASS_FIELDS[other]:
-                raise CheckpointError(f"{override.source}: {name} is a field of {DESCRIPTIONS[other]}, but the "
-                                      f"weights of {source} are {DESCRIPTIONS[class_name]}")
-            if override.strict:
-                raise CheckpointError(f"{override.source}: unknown config field {name!r}; {class_name} fields: "
-                                      f"{', '.join(sorted(CLASS_FIELDS[class_name]))}")
-            log.warning("%s: ignoring the unknown config field %r", override.source, name)
-            continue
-        if name in shapes and _effective(name, value, fields, shapes) != _effective(name, shapes[name], shapes, shapes):
+    config, set_by = dict(config), {}
+    for override in overrides:
+        fields = {k: list(v) if isinstance(v, tuple) else v for k, v in override.fields.items()}
+        given_class = fields.get("_class_name")
+        if given_class in DESCRIPTIONS and given_class != class_name:
+            origin = override.origins.get("_class_name", f"_class_name: {given_class}")
+            raise CheckpointError(f"{override.source}: {origin} describes {DESCRIPTIONS[given_class]}, but the "
+                                  f"weights of {source} are {DESCRIPTIONS[class_name]}")
+        for name, value in fields.items():
+            if name.startswith("_"):
+                continue
+            if name not in CLASS_FIELDS[class_name]:
+                if name in CLASS_FIELDS[other]:
+                    raise CheckpointError(f"{override.source}: {name} is a field of {DESCRIPTIONS[other]}, but the "
+                                          f"weights of {source} are {DESCRIPTIONS[class_name]}")
+                if override.strict:
+                    raise CheckpointError(f"{override.source}: unknown config field {name!r}; {class_name} fields: "
+                                          f"{', '.join(sorted(CLASS_FIELDS[class_name]))}")
+                log.warning("%s: ignoring the unknown config field %r", override.source, name)
+                continue
+            config[name], set_by[name] = value, override
+    for name, override in set_by.items():
+        if name in shapes and _effective(name, config) != _effective(name, shapes):
             origin = override.origins.get(name, name)
-            raise CheckpointError(f"{override.source}: {origin} gives {name} = {value!r}, but the weights of {source} "
-                                  f"say {shapes[name]!r}")
-        accepted[name] = value
-    return {**config, **accepted}
+            raise CheckpointError(f"{override.source}: {origin} gives {name} = {config[name]!r}, but the weights of "
+                                  f"{source} say {shapes[name]!r}")
+    return config
 
 
-def _effective(name, value, fields, shapes):
+def _effective(name, config):
     """A field's value as the model uses it: vq_embed_dim None means the latent width."""
-    if name == "vq_embed_dim" and value is None:
-        return fields.get("latent_channels", shapes.get("latent_channels"))
-    return value
+    if name == "vq_embed_dim" and config.get(name) is None:
+        return config.get("latent_channels")
+    return config.get(name)
