@@ -4,6 +4,7 @@ Needs Debian's chromium and the playwright package (its own browser downloads ar
 
 import os
 import shutil
+import time
 import urllib.parse
 
 import pytest
@@ -33,7 +34,10 @@ def page(comfy, tmp_path_factory):
             page.on("console", lambda m: messages.append(f"{m.type}: {m.text} @ {m.location.get('url', '')}"))
             page.on("pageerror", lambda e: messages.append(f"pageerror: {e}\n{e.stack or ''}"))
             page.goto(comfy.url, timeout=TIMEOUT_MS)
-            page.wait_for_function(f"() => window.comfyAPI?.app?.app?.graph && {APP}.extensions.length > 0")
+            # The app loads its startup workflow a moment after it reports ready; a graph loaded before that
+            # would be replaced, so wait until it is the active workflow.
+            page.wait_for_function(f"""() => window.comfyAPI?.app?.app?.graph && {APP}.extensions.length > 0
+                && {APP}.extensionManager?.workflow?.activeWorkflow != null""")
             page.messages = messages
             page.screenshots = tmp_path_factory.mktemp("screenshots")
             yield page
@@ -71,19 +75,22 @@ def test_template_opens_with_every_node_type_known(page, path):
     assert our_errors(page.messages) == []
 
 
-def test_a_run_from_the_front_end_shows_our_panels(page):
+def test_a_run_from_the_front_end_shows_our_panels(page, comfy):
     path = next(p for p in ui_workflows() if any(
         n["type"] == "VQCoreVQDiffusionSampler" for n in load_json(p)["nodes"]))
     url = f"/api/workflow_templates/{PACK_FOLDER}/{urllib.parse.quote(path.name)}"
+    comfy.post("/free", {"free_memory": True})  # a cached prompt would send no node output to draw
+    time.sleep(1)
     page.evaluate("""async ([url, name]) => {
         const app = window.comfyAPI.app.app;
         await app.loadGraphData(await (await fetch(url)).json(), true, true, name);
         await app.queuePrompt(0, 1);
     }""", [url, path.stem])
+    panel = 'n.widgets?.find(w => w.name === "vqcore_panel")?.element.querySelector("svg")'
     page.wait_for_function(f"""() => {APP}.graph.nodes.some(
-        n => n.comfyClass === "VQCoreVQDiffusionSampler" && n.vqcorePanel)""", timeout=300_000)
-    lines = page.evaluate(f"""() => {APP}.graph.nodes.filter(n => n.vqcorePanel)
-        .flatMap(n => n.vqcorePanel.sections.flatMap(s => s.lines))""")
+        n => n.comfyClass === "VQCoreVQDiffusionSampler" && {panel})""", timeout=300_000)
+    lines = page.evaluate(f"""() => {APP}.graph.nodes.filter(n => {panel})
+        .flatMap(n => [...{panel}.querySelectorAll("text")].map(t => t.textContent))""")
     assert any("steps/s" in line for line in lines), lines
     page.evaluate(f"() => {APP}.canvas.setDirty(true, true)")
     page.screenshot(path=str(page.screenshots / "after_run.png"))
