@@ -5,9 +5,11 @@ same entries, translated."""
 
 import json
 import re
+from pathlib import Path
 
 import pytest
-from conftest import ROOT
+
+ROOT = Path(__file__).resolve().parents[1]
 
 LOCALES = ROOT / "locales"
 DOCS = ROOT / "web" / "docs"
