@@ -314,3 +314,45 @@ def test_not_a_torch_file_under_a_pickle_name(tmp_path):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"gone\.safetensors: no such file"):
         load_vqmodel(tmp_path / "gone.safetensors", device="cpu")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# VQ-Diffusion: every component's weights are checked at load
+
+
+@pytest.fixture(scope="module")
+def vq_diffusion_names(demo_models):
+    """{component folder: (weight file, a tensor name in it)} of the demo VQ-Diffusion folder."""
+    folder = demo_models / "diffusers" / "vq-diffusion-demo"
+    text = folder / "text_encoder" / "model.safetensors"
+    return {"transformer": ("diffusion_pytorch_model.safetensors", "transformer_blocks.0.attn1.to_q.weight"),
+            "text_encoder": ("model.safetensors", next(k for k in load_file(text) if k.endswith("layers.0.self_attn.q_proj.weight"))),
+            "learned_classifier_free_sampling_embeddings": ("diffusion_pytorch_model.safetensors", "embeddings"),
+            "vqvae": ("diffusion_pytorch_model.safetensors", "quantize.embedding.weight")}
+
+
+@pytest.mark.parametrize("component", ["transformer", "text_encoder", "learned_classifier_free_sampling_embeddings",
+                                       "vqvae"])
+def test_non_finite_vq_diffusion_weight_is_named(demo_models, vq_diffusion_names, tmp_path, component):
+    import shutil
+
+    from vqcore.vq_diffusion import load_vq_diffusion
+
+    folder = shutil.copytree(demo_models / "diffusers" / "vq-diffusion-demo", tmp_path / "damaged")
+    file_name, key = vq_diffusion_names[component]
+    state = load_file(folder / component / file_name)
+    assert key in state
+    state[key].view(-1)[5] = float("nan")
+    save_file(state, folder / component / file_name)
+    with pytest.raises(CheckpointError, match=rf"damaged/{component}: weight {re.escape(key)} holds 1 NaN"):
+        load_vq_diffusion(folder, device="cpu")
+
+
+def test_vq_diffusion_config_overrides_the_vqvae(demo_models):
+    from vqcore.vq_diffusion import load_vq_diffusion
+
+    folder = demo_models / "diffusers" / "vq-diffusion-demo"
+    assert load_vq_diffusion(folder, device="cpu", config={"scaling_factor": 0.5}).vqvae.config["scaling_factor"] == 0.5
+    with pytest.raises(CheckpointError, match=r"config=: latent_channels gives latent_channels = 7, but the weights of "
+                                              r".*vq-diffusion-demo/vqvae say"):
+        load_vq_diffusion(folder, device="cpu", config={"latent_channels": 7})

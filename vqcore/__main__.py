@@ -161,6 +161,9 @@ def add_generate_command(subparsers):
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--variant", default=None, help="weight variant, e.g. fp16")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="config for the VQ-VAE that its config.json gets wrong: a diffusers config.json or a "
+                             "taming/LDM YAML")
     parser.set_defaults(run=run_generate)
 
 
@@ -179,7 +182,7 @@ def run_generate(args):
         if not (folder / "model_index.json").is_file():
             print(f"writing the demo VQ-Diffusion model to {folder}")
             write_demo_vq_diffusion(folder)
-    model = load_vq_diffusion(folder, device=args.device, dtype=args.dtype, variant=args.variant)
+    model = load_vq_diffusion(folder, device=args.device, dtype=args.dtype, variant=args.variant, config=args.config)
     use_fast_path(model.vqvae)
     started = time.perf_counter()
 

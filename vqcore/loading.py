@@ -133,14 +133,15 @@ def _read_single_file(path, device, kind):
     return state, file_key_names(selected), file_keys
 
 
-def build_model(cls, config, state, device, dtype, source, file_name=str):
+def build_model(cls, config, state, device, dtype, source, file_name=str, config_source=None):
     """cls built from its config dict and loaded strictly with `state`; any problem is a CheckpointError naming
-    `source` and the tensors as file_name(key) spells them."""
+    `source` (a config that cannot be built: `config_source` when the config has a file of its own) and the tensors
+    as file_name(key) spells them."""
     try:
         with torch.device("meta"):  # no random initialisation, no memory until the real tensors are assigned
             model = cls.from_config(config)
     except (VQCoreError, TypeError) as e:  # channel counts no GroupNorm divides; a field missing from the config
-        raise CheckpointError(f"{source}: {e}") from e
+        raise CheckpointError(f"{config_source or source}: {e}") from e
     check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, state, cls.__name__, source, file_name)
     converted = {k: v.to(dtype) for k, v in state.items()}
     check_finite(converted, source, file_name, original=state)

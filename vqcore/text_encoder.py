@@ -57,9 +57,9 @@ def load_text_model(folder, device="cpu", dtype=None, variant=None):
     state = {name: file_state[k] for name, k in file_names.items() if not name.endswith("position_ids") or name in own}
     check_keys({k: tuple(v.shape) for k, v in own.items()}, state, "CLIPTextModel", folder,
                lambda name: file_names.get(name, name))
-    state = {k: v.to(dtype or torch.float32) for k, v in state.items()}
-    check_finite(state, folder, lambda name: file_names.get(name, name))
-    model.load_state_dict(state)
+    converted = {k: v.to(dtype or torch.float32) for k, v in state.items()}
+    check_finite(converted, folder, lambda name: file_names.get(name, name), original=state)
+    model.load_state_dict(converted)
     return model.to(device=device, dtype=dtype or torch.float32).eval()
 
 

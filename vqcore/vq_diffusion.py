@@ -54,13 +54,18 @@ class VQDiffusionModel:
         return self.vqvae.decode_indices(tokens.to(self.vqvae.device))
 
 
-def load_vq_diffusion(folder, device=None, dtype=None, variant=None) -> VQDiffusionModel:
+def load_vq_diffusion(folder, device=None, dtype=None, variant=None, config=None) -> VQDiffusionModel:
+    """The pipeline of a VQ-Diffusion folder. `config`: overrides for the VQ-VAE's config.json, as load_vqmodel's
+    config= (a dict of diffusers fields, a config.json or a taming/LDM YAML), checked against its weights. Every
+    component's weights are checked (load_vqmodel, build_model, load_text_model): a NaN/inf tensor is a
+    CheckpointError naming the component folder and the tensor."""
     folder = Path(folder)
     check_layout(folder)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device) if dtype is not None else torch.float32
     transformer = load_transformer(folder / "transformer", device, dtype, variant)
-    vqvae = load_vqmodel(folder / "vqvae", device=device, dtype=dtype, variant=available_variant(folder / "vqvae", variant))
+    vqvae = load_vqmodel(folder / "vqvae", device=device, dtype=dtype, variant=available_variant(folder / "vqvae", variant),
+                         config=config)
     if vqvae.num_embeddings != transformer.num_vector_embeds - 1:
         raise CheckpointError(f"{folder}: the VQ-VAE has {vqvae.num_embeddings} codes but the transformer predicts "
                               f"{transformer.num_vector_embeds - 1} classes")
@@ -113,7 +118,7 @@ def load_transformer(folder, device, dtype, variant):
     if "num_vector_embeds" not in config:
         raise CheckpointError(f"{folder}/config.json: not a discrete (VQ-Diffusion) transformer: no num_vector_embeds")
     state = read_folder_state_dict(folder, variant=available_variant(folder, variant))
-    return build_model(VQDiffusionTransformer, config, state, device, dtype, folder / "config.json")
+    return build_model(VQDiffusionTransformer, config, state, device, dtype, folder, config_source=folder / "config.json")
 
 
 def load_null_embeddings(folder, device, variant):
