@@ -1,10 +1,13 @@
 """`python -m vqcore demo-models DIR` then `python -m vqcore roundtrip` on its files: PNGs written, right sizes."""
 
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from vqcore.__main__ import main
 from vqcore.loading import load_autoencoder
@@ -102,22 +105,94 @@ def test_generate_checks_its_output_before_loading(tmp_path, capsys):
     assert "no-such-dir does not exist" in capsys.readouterr().err
 
 
-def damaged_copy(source, path, key, value):
-    from safetensors.torch import load_file, save_file
+def test_generate_config_option_reaches_the_vqvae(demo_models, tmp_path, capsys):
+    config = tmp_path / "vqvae.json"
+    config.write_text('{"latent_channels": 7}')
+    out = tmp_path / "x.png"
+    folder = demo_models / "diffusers" / "vq-diffusion-demo"
+    assert main(["generate", "a cube", str(out), "--checkpoint", str(folder), "--config", str(config)]) == 1
+    assert "vqvae.json: latent_channels gives latent_channels = 7, but the weights of" in capsys.readouterr().err
+    assert not out.exists()
 
+
+class CreatesMarkerFile:
+    """Unpickling this object calls Path.touch(marker): stand-in for a checkpoint that runs code when loaded."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def nan_at(key, count):
+    def change(state):
+        state[key] = state[key].clone()
+        state[key].view(-1)[:count] = float("nan")
+        return state
+    return change
+
+
+def without(key):
+    return lambda state: {k: v for k, v in state.items() if k != key}
+
+
+def transposed(key):
+    return lambda state: {**state, key: state[key].transpose(0, 1).contiguous()}
+
+
+def kl_and_vq(state):
+    from vqcore.autoencoder_kl import AutoencoderKL
+    from vqcore.vae_layouts import to_ldm_names
+
+    kl = AutoencoderKL(block_out_channels=[32], down_block_types=["DownEncoderBlock2D"], up_block_types=["UpDecoderBlock2D"])
+    return {**{f"vae.{k}": v.contiguous() for k, v in to_ldm_names(kl.state_dict()).items()},
+            **{f"vqvae.{k}": v for k, v in state.items()}}
+
+
+def write_bad_file(source, folder, case):
+    """The demo VQ file damaged as `case` says: (file name, how it is written, words the error must contain)."""
+    name, how, _ = BAD_FILES[case]
+    path = folder / name
     state = load_file(source)
-    state[key] = torch.full_like(state[key], value)
-    save_file(state, path)
+    if how == "truncated":
+        path.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    elif how == "pickled":
+        torch.save(state, path)
+    elif how == "runs code":
+        torch.save({"state_dict": state, "payload": CreatesMarkerFile(folder / "code-ran")}, path)
+    elif how == "text":
+        path.write_text("not a checkpoint")
+    else:
+        save_file(how(state), path)
     return path
 
 
-def test_roundtrip_of_a_nan_weight_file_exits_non_zero_without_png(demo_models, tmp_path, capsys):
-    model = damaged_copy(demo_models / "vq_models/demo-vq-f8.safetensors", tmp_path / "nan.safetensors",
-                         "decoder.conv_out.bias", float("nan"))
-    out = tmp_path / "out.png"
-    assert main(["roundtrip", str(model), str(out), "--size", "32", "--device", "cpu"]) == 1
-    assert "nan.safetensors: weight decoder.conv_out.bias holds 3 NaN" in capsys.readouterr().err
-    assert not out.exists()
+# The bad-input corpus as the command line meets it: each file is refused with one line naming the file and the
+# culprit, exit status 1, and no PNG.
+BAD_FILES = {
+    "NaN weight": ("nan.safetensors", nan_at("decoder.conv_out.bias", 3), "weight decoder.conv_out.bias holds 3 NaN"),
+    "NaN codebook entry": ("nan-codebook.safetensors", nan_at("quantize.embedding.weight", 1),
+                           "weight quantize.embedding.weight holds 1 NaN"),
+    "missing tensor": ("missing.safetensors", without("decoder.conv_out.bias"), "missing keys (1): decoder.conv_out.bias"),
+    "transposed decoder.conv_in": ("transposed.safetensors", transposed("decoder.conv_in.weight"),
+                                   "shape mismatches (1): decoder.conv_in.weight"),
+    "KL and VQ in one file": ("both.safetensors", kl_and_vq, "holds two autoencoders"),
+    "truncated": ("truncated.safetensors", "truncated", "not a readable safetensors file"),
+    "pickle under a safetensors name": ("pickled.safetensors", "pickled", "this is a pickle file"),
+    "code-running pickle": ("evil.ckpt", "runs code", "refused to load: the file may run code"),
+    "not a weight file": ("notes.ckpt", "text", "not a readable checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_roundtrip_of_a_bad_file_exits_non_zero_without_png(demo_models, tmp_path, capsys, case):
+    model = write_bad_file(demo_models / "vq_models/demo-vq-f8.safetensors", tmp_path, case)
+    assert main(["roundtrip", str(model), str(tmp_path / "out.png"), "--size", "32", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {model}") and BAD_FILES[case][2] in err and err.count("\n") == 1, err
+    assert not list(tmp_path.rglob("*.png"))
+    assert not (tmp_path / "code-ran").exists()
 
 
 def test_nan_output_is_an_error_not_a_black_png(tmp_path):

@@ -329,8 +329,8 @@ class Decoder(nn.Module):
 
 def use_fast_path(model, enabled=True):
     """Switches a VQModel's or AutoencoderKL's encoder and decoder to the fast path (channels-last feature maps,
-    upsampling as a transposed convolution; on CPU also in-place work on large maps and Winograd convolutions) or back
-    to diffusers' exact computation; returns the model."""
+    upsampling as a transposed convolution; on CPU the pack's own GroupNorm, overwriting maps nothing reads later) or
+    back to diffusers' exact computation; returns the model."""
     for module in model.modules():
         if isinstance(module, (Encoder, Decoder, ResnetBlock, GroupNorm, Attention, Upsample)):
             module.fast = enabled
