@@ -2,37 +2,19 @@
 
 import time
 
-import torch
-
-from ..vqcore.devices import resolve_dtype
 from ..vqcore.errors import VQCoreError
 from ..vqcore.loading import load_autoencoder_kl, load_vqmodel
+from ..vqcore.tiling import MIN_TILE_LATENTS
 from ..vqcore.vae_layouts import KL_FAMILIES
-from . import compute, host, model_choices, ui_payloads
-from .vae_adapter import kl_handle, vae_for_host
+from . import compute, model_choices, sockets, ui_payloads
+from .handles import DTYPE_TOOLTIP, DTYPES, AutoencoderHandle, load_dtype
+from .vae_adapter import autoencoder_handle, vae_for_host, vq_handle
 
-DTYPES = ["auto", "fp32", "fp16", "bf16"]
-DTYPE_TOOLTIP = ("Weight precision. auto: bf16 where the device computes it natively, else fp32 (ComfyUI's "
-                 "--fp16-vae/--bf16-vae/--fp32-vae flags apply). A half-precision result with NaN/inf is "
-                 "recomputed in fp32 automatically.")
-TILE_TOOLTIP = ("Tile edge in image pixels. The result equals the full decode/encode whatever the size; smaller "
-                "tiles need less device memory and take a little longer.")
-MIN_TILE = 64
-
-
-def load_dtype(dtype: str) -> torch.dtype:
-    """auto: ComfyUI's VAE dtype choice (honours its --*-vae flags), else vqcore's (bf16 where native, else fp32)."""
-    device = host.compute_device("vae")
-    if dtype == "auto":
-        return host.vae_auto_dtype(device) or resolve_dtype("auto", device)
-    return resolve_dtype(dtype, device)
-
-
-def autoencoder_input(obj, input_name):
-    """VQ_VAE or any ComfyUI VAE (ours or core's) → the vqcore handle behind it."""
-    if isinstance(obj, compute.AutoencoderHandle):
-        return obj
-    return kl_handle(obj, input_name)
+TILE_STEP = 32
+TILE_TOOLTIP = (f"Tile edge in image pixels, at least {MIN_TILE_LATENTS} latent pixels ({MIN_TILE_LATENTS * 8} for an "
+                "8x autoencoder). The result equals the full decode/encode whatever the size; smaller tiles need less "
+                "device memory and take a little longer.")
+TILE_SIZE = ("INT", {"default": 512, "min": TILE_STEP, "max": 4096, "step": TILE_STEP, "tooltip": TILE_TOOLTIP})
 
 
 class VQCoreLoadVQModel:
@@ -56,9 +38,9 @@ class VQCoreLoadVQModel:
 
     def load(self, vq_model_name, dtype="auto"):
         path = model_choices.resolve(vq_model_name, "vq_models", "vq_model_name")
-        with compute.input_errors("vq_model_name"):
+        with sockets.input_errors("vq_model_name"):
             model = load_vqmodel(path, device="cpu", dtype=load_dtype(dtype))
-        return (compute.AutoencoderHandle(model, vq_model_name),)
+        return (AutoencoderHandle(model, vq_model_name),)
 
 
 class VQCoreLoadAutoencoderKL:
@@ -88,7 +70,7 @@ class VQCoreLoadAutoencoderKL:
 
     def load(self, vae_name, family="auto", dtype="auto"):
         path = model_choices.resolve(vae_name, "vae", "vae_name")
-        with compute.input_errors("vae_name"):
+        with sockets.input_errors("vae_name"):
             model = load_autoencoder_kl(path, device="cpu", dtype=load_dtype(dtype), family=family)
         return (vae_for_host(model, vae_name),)
 
@@ -112,18 +94,11 @@ class VQCoreEncode:
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def encode(self, vq_vae, image, unique_id=None):
-        handle = autoencoder_input(vq_vae, "vq_vae")
-        if handle.codebook_id is None:
-            raise VQCoreError("vq_vae: expected a VQ autoencoder; this one has no codebook")
-        x = compute.images_to_model(image, handle.model.downscale_factor, "image")
-        latents = compute.encode(handle, x, unique_id)
-        with torch.inference_mode():
-            host.load_models([handle.patcher])
-            z = latents.to(handle.patcher.load_device, handle.dtype)
-            indices = handle.model.quantize(z)[2].cpu()
-        tokens = compute.make_tokens(indices, handle)
+        handle = vq_handle(vq_vae, "vq_vae")
+        x = sockets.image_to_model(image, handle.model.downscale_factor, "image")
+        latents, indices = compute.vq_encode(handle, x, unique_id)
         return {"ui": {"vqcore_tokens": ui_payloads.token_usage(indices, handle.model.num_embeddings)},
-                "result": ({"samples": latents}, tokens)}
+                "result": (sockets.make_latent(latents), sockets.make_tokens(indices, handle))}
 
 
 class VQCoreDecode:
@@ -148,25 +123,19 @@ class VQCoreDecode:
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def decode(self, vq_vae, tokens=None, samples=None, unique_id=None):
-        handle = autoencoder_input(vq_vae, "vq_vae")
-        if handle.codebook_id is None:
-            raise VQCoreError("vq_vae: expected a VQ autoencoder; this one has no codebook")
-        if (tokens is None) == (samples is None):
-            raise VQCoreError("tokens/samples: connect exactly one of them (got "
-                              f"{'both' if tokens is not None else 'neither'})")
+        handle = vq_handle(vq_vae, "vq_vae")
+        one_of(tokens, samples, "tokens/samples")
         if tokens is not None:
-            return (compute.decode(handle, indices=compute.check_tokens(tokens, handle, "tokens"), node_id=unique_id),)
-        latents = latent_samples(samples, handle.model.latent_channels, "samples")
+            indices = sockets.token_indices(tokens, handle, "tokens")
+            return (compute.decode(handle, indices=indices, node_id=unique_id),)
+        latents = sockets.latent_samples(samples, handle.model.latent_channels, "samples")
         return (compute.decode(handle, latents=latents, node_id=unique_id),)
 
 
-def latent_samples(samples, channels, input_name):
-    latents = samples.get("samples") if isinstance(samples, dict) else None
-    if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[1] != channels:
-        shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-        raise VQCoreError(f"{input_name}: expected a LATENT with [batch, {channels}, h, w] samples for this model; "
-                          f"got {shape}")
-    return latents
+def one_of(first, second, input_names):
+    if (first is None) == (second is None):
+        raise VQCoreError(f"{input_names}: connect exactly one of them (got "
+                          f"{'both' if first is not None else 'neither'})")
 
 
 class VQCoreTiledVAEDecode:
@@ -184,7 +153,7 @@ class VQCoreTiledVAEDecode:
     def INPUT_TYPES(cls):
         return {"required": {
             "vae": ("VAE,VQ_VAE", {"tooltip": "A KL VAE (any loader) or a VQ autoencoder."}),
-            "tile_size": ("INT", {"default": 512, "min": MIN_TILE, "max": 4096, "step": 32, "tooltip": TILE_TOOLTIP}),
+            "tile_size": TILE_SIZE,
         }, "optional": {
             "samples": ("LATENT", {"tooltip": "Latents to decode (KL: raw; VQ: continuous, quantised first). "
                                               "Connect either samples or tokens."}),
@@ -192,18 +161,16 @@ class VQCoreTiledVAEDecode:
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def decode(self, vae, tile_size, samples=None, tokens=None, unique_id=None):
-        handle = autoencoder_input(vae, "vae")
-        if (tokens is None) == (samples is None):
-            raise VQCoreError("samples/tokens: connect exactly one of them (got "
-                              f"{'both' if tokens is not None else 'neither'})")
+        handle = autoencoder_handle(vae, "vae")
+        one_of(samples, tokens, "samples/tokens")
         if tokens is not None:
             if handle.codebook_id is None:
                 raise VQCoreError("tokens: VQ_TOKENS need a VQ autoencoder; the connected vae is a KL VAE")
-            latents = compute.token_embeddings(handle, compute.check_tokens(tokens, handle, "tokens"))
+            latents = compute.token_embeddings(handle, sockets.token_indices(tokens, handle, "tokens"))
         else:
-            latents = latent_samples(samples, handle.model.latent_channels, "samples")
+            latents = sockets.latent_samples(samples, handle.model.latent_channels, "samples")
         start = time.perf_counter()
-        with compute.input_errors("tile_size"):
+        with sockets.input_errors("tile_size"):
             image = compute.tiled_decode(handle, latents, tile_size, unique_id, quantized=tokens is not None)
         ui = ui_payloads.tiles(image.shape[1:3], tile_size, time.perf_counter() - start)
         return {"ui": {"vqcore_tiles": ui}, "result": (image,)}
@@ -224,17 +191,17 @@ class VQCoreTiledVAEEncode:
         return {"required": {
             "vae": ("VAE,VQ_VAE", {"tooltip": "A KL VAE (any loader) or a VQ autoencoder."}),
             "image": ("IMAGE", {"tooltip": "Images to encode, centre-cropped to a multiple of the downscale factor."}),
-            "tile_size": ("INT", {"default": 512, "min": MIN_TILE, "max": 4096, "step": 32, "tooltip": TILE_TOOLTIP}),
+            "tile_size": TILE_SIZE,
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def encode(self, vae, image, tile_size, unique_id=None):
-        handle = autoencoder_input(vae, "vae")
-        x = compute.images_to_model(image, handle.model.downscale_factor, "image")
+        handle = autoencoder_handle(vae, "vae")
+        x = sockets.image_to_model(image, handle.model.downscale_factor, "image")
         start = time.perf_counter()
-        with compute.input_errors("tile_size"):
+        with sockets.input_errors("tile_size"):
             latents = compute.tiled_encode(handle, x, tile_size, unique_id)
         ui = ui_payloads.tiles(x.shape[2:], tile_size, time.perf_counter() - start)
-        return {"ui": {"vqcore_tiles": ui}, "result": ({"samples": latents},)}
+        return {"ui": {"vqcore_tiles": ui}, "result": (sockets.make_latent(latents),)}
 
 
 NODES = {

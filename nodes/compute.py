@@ -1,114 +1,30 @@
-"""Running autoencoders inside the host: memory estimate, load before compute, batch slices, OOM → tiled, fp16 overflow
-→ fp32, progress and interrupt. The node classes only pick inputs and call these.
+"""Running the models inside the host, for every node: load before compute with a memory estimate, batches in slices
+that fit, out of memory → the seamless tiled pass, half-precision NaN/inf → the same work again in fp32, progress,
+previews and cancellation. The node classes check their inputs and call these.
 """
 
-import hashlib
 import logging
+import time
 from contextlib import contextmanager
+from functools import partial
 
 import torch
+from PIL import Image
 
 from ..vqcore import tiling
-from ..vqcore.autoencoder import use_fast_path
 from ..vqcore.autoencoder_kl import DiagonalGaussian
-from ..vqcore.errors import NonFiniteResult, VQCoreError
-from . import host
+from ..vqcore.errors import Cancelled, NonFiniteResult
+from ..vqcore.sampler import sample
+from . import host, sockets
 
 log = logging.getLogger("vqcore")
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 DEFAULT_FALLBACK_TILE = 512  # pixels; the tile size used when a full decode ran out of memory
 BYTES_PER_ACTIVATION = 6  # live copies of the widest feature map at once: input, norm, conv output, residual, slack
-
-
-@contextmanager
-def input_errors(input_name):
-    """Re-raises vqcore's input errors with the node input's name in front, so the UI says which socket is at fault."""
-    try:
-        yield
-    except VQCoreError as e:
-        if str(e).startswith(f"{input_name}:"):
-            raise
-        raise VQCoreError(f"{input_name}: {e}") from e
-
-
-class AutoencoderHandle:
-    """A vqcore VQModel or AutoencoderKL under the host's memory manager (what VQ_VAE carries, and what our VAE
-    stand-in wraps)."""
-
-    def __init__(self, model, name):
-        # Node users get the fast path: it differs from diffusers' bits far below what 8-bit images can show.
-        self.patcher = host.wrap_model(use_fast_path(model), "vae")
-        self.name = name
-        self.codebook_id = codebook_id(model) if hasattr(model, "quantize") else None
-
-    @property
-    def model(self):
-        return host.unwrap(self.patcher)
-
-    @property
-    def dtype(self):
-        return next(self.model.parameters()).dtype
-
-    def upcast(self, why):
-        log.warning("vqcore: %s produced NaN/inf in %s; computing again in float32 (%s stays in float32 from now on)",
-                    why, str(self.dtype).replace("torch.", ""), self.name)
-        self.model.to(torch.float32)
-
-
-def codebook_id(model) -> str:
-    """Identifies a codebook by its content, so tokens are only decoded by a model that shares their codebook."""
-    weight = model.quantize.embedding.weight.detach().float().cpu().contiguous()
-    return hashlib.sha1(weight.numpy().tobytes()).hexdigest()[:16]
-
-
-# ---- conversions between ComfyUI tensors and model tensors --------------------------------------------------------
-
-def images_to_model(images, factor: int, input_name: str):
-    """IMAGE [B,H,W,C] 0..1 → NCHW -1..1, RGB, centre-cropped to a multiple of the model's downscale factor (as
-    ComfyUI's VAE Encode does)."""
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise VQCoreError(f"{input_name}: expected an IMAGE tensor [batch, height, width, channels]; got {shape}")
-    height, width = images.shape[1:3]
-    if height < factor or width < factor:
-        raise VQCoreError(f"{input_name}: image {width}x{height} is smaller than the model's downscale factor "
-                          f"{factor}; it needs at least {factor}x{factor} pixels")
-    h, w = height // factor * factor, width // factor * factor
-    top, left = (height - h) // 2, (width - w) // 2
-    x = images[:, top:top + h, left:left + w].float()
-    x = x[..., :3] if x.shape[-1] != 1 else x.expand(-1, -1, -1, 3)
-    return x.movedim(-1, 1) * 2 - 1
-
-
-def model_to_images(x):
-    """NCHW -1..1 → IMAGE [B,H,W,C] float32 0..1 on the host's intermediate device."""
-    return ((x.float() + 1) / 2).clamp(0, 1).movedim(1, -1).to(host.intermediate_device()).contiguous()
-
-
-def check_tokens(tokens, handle, input_name):
-    """VQ_TOKENS must come from the same codebook as the decoder that reads them."""
-    if not isinstance(tokens, dict) or not isinstance(tokens.get("indices"), torch.Tensor):
-        raise VQCoreError(f"{input_name}: expected VQ_TOKENS (a dict with 'indices'); got {type(tokens).__name__}")
-    indices = tokens["indices"]
-    if indices.ndim != 3 or indices.dtype != torch.long:
-        raise VQCoreError(f"{input_name}: indices must be a (batch, height, width) int64 tensor; got "
-                          f"{tuple(indices.shape)} {indices.dtype}")
-    model = handle.model
-    if tokens.get("codebook_id") != handle.codebook_id or tokens.get("num_embeddings") != model.num_embeddings:
-        raise VQCoreError(
-            f"{input_name}: tokens come from a different codebook ({tokens.get('num_embeddings')} codes, id "
-            f"{tokens.get('codebook_id')}) than the VQ model {handle.name!r} ({model.num_embeddings} codes, id "
-            f"{handle.codebook_id}); decode them with the model that made them")
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= model.num_embeddings):
-        raise VQCoreError(f"{input_name}: token values must lie in 0..{model.num_embeddings - 1}; got "
-                          f"{int(indices.min())}..{int(indices.max())}")
-    return indices
-
-
-def make_tokens(indices, handle):
-    return {"indices": indices.long().cpu(), "num_embeddings": handle.model.num_embeddings,
-            "codebook_id": handle.codebook_id}
+PREVIEWS_PER_RUN = 8  # a JPEG preview of the sampler's current estimate about this many times per run
+# The sampler node's inputs behind sample()'s arguments, whose checks are the only ones (the rest is the model's).
+SAMPLER_INPUTS = {"init_tokens": "tokens", "steps": "steps", "mode": "sampling_mode", "mask": "mask"}
 
 
 # ---- memory estimates ----------------------------------------------------------------------------------------------
@@ -127,14 +43,63 @@ def encode_bytes(model, height: int, width: int, dtype) -> int:
     return decode_bytes(model, height // factor, width // factor, dtype)
 
 
-# ---- running a model over a batch ---------------------------------------------------------------------------------
+def quantize_bytes(model, h: int, w: int, dtype) -> int:
+    """The distances of every latent pixel to every codebook vector."""
+    return torch.empty((), dtype=dtype).element_size() * h * w * model.num_embeddings
+
+
+def sampler_bytes(transformer, batch: int) -> int:
+    """Activations of one step: hidden states and feed-forward of the token batch (doubled by guidance) and the
+    float64 log-softmax over all classes."""
+    tokens = 2 * batch * transformer.num_latent_pixels
+    width = transformer.config["num_attention_heads"] * transformer.config["attention_head_dim"]
+    size = torch.empty((), dtype=transformer.dtype).element_size()
+    return tokens * (12 * width * size + 3 * 8 * transformer.num_vector_embeds)
+
+
+# ---- precision and cancellation ------------------------------------------------------------------------------------
+
+def in_model_dtype(x, handle):
+    return x.to(handle.dtype) if x.is_floating_point() else x
+
+
+def run_in_model_dtype(handle, fn, x):
+    return fn(handle.model, in_model_dtype(x, handle))
+
+
+def redo_in_fp32_on_overflow(handle, what, compute):
+    """compute() once; a half-precision result with NaN/inf (the fp16 overflow of SD-family models) → the model
+    moves to float32 for good and compute() runs again. In float32 it is vqcore's error naming the cause."""
+    try:
+        return compute()
+    except NonFiniteResult:
+        if handle.dtype not in HALF_DTYPES:
+            raise
+        handle.upcast(what)
+        return compute()
+
+
+@contextmanager
+def host_cancellation():
+    """vqcore's loops ask host.interrupt_requested between tiles and steps and stop with a Cancelled; the node then
+    raises the host's own interrupt exception (which clears the request), so ComfyUI shows "interrupted", not an
+    error."""
+    try:
+        yield
+    except Cancelled:
+        host.throw_if_interrupted()
+        raise
+
+
+def progress_callback(pbar):
+    return lambda done, total: pbar.update_absolute(done, total)
+
+
+# ---- autoencoders --------------------------------------------------------------------------------------------------
 
 def run_sliced(handle, fn, inputs, per_item_bytes, node_id=None):
-    """fn(model, batch slice on the compute device) for the whole batch, in slices that fit in free memory.
-
-    The model is handed to the host's memory manager first. A half-precision result with NaN/inf (the fp16 overflow
-    of SD-family decoders) is computed again in float32; in float32 it is vqcore's error naming the cause.
-    """
+    """fn(model, batch slice on the compute device in the model's dtype) for the whole batch, in slices that fit in
+    free memory, after the host's memory manager loaded the model; results on the intermediate device."""
     host.load_models([handle.patcher], per_item_bytes)
     device = handle.patcher.load_device
     step = max(1, int(host.free_memory_bytes(device) // max(1, per_item_bytes)))
@@ -145,16 +110,18 @@ def run_sliced(handle, fn, inputs, per_item_bytes, node_id=None):
         host.throw_if_interrupted()
         chunk = inputs[start:start + step].to(device)
         with torch.inference_mode():
-            try:
-                out = fn(handle.model, chunk.to(handle.dtype) if chunk.is_floating_point() else chunk)
-            except NonFiniteResult:
-                if handle.dtype not in HALF_DTYPES:
-                    raise
-                handle.upcast(fn.__name__)
-                out = fn(handle.model, chunk.float() if chunk.is_floating_point() else chunk)
-        outputs.append(out.float().to(host.intermediate_device()))
+            out = redo_in_fp32_on_overflow(handle, fn.__name__, partial(run_in_model_dtype, handle, fn, chunk))
+        outputs.append((out.float() if out.is_floating_point() else out).to(host.intermediate_device()))
         pbar.update(chunk.shape[0])
     return torch.cat(outputs)
+
+
+def out_of_memory(error, what, shape):
+    """Whether `error` is the device running out of memory, logged as the reason for the tiled retry."""
+    if not host.is_oom(error):
+        return False
+    log.warning("vqcore: out of memory in a full %s of %s; retrying with tiled %s", what, tuple(shape), what)
+    return True
 
 
 def decode(handle, latents=None, indices=None, node_id=None):
@@ -163,17 +130,14 @@ def decode(handle, latents=None, indices=None, node_id=None):
     Out of device memory → the seamless tiled decode, started after the except block so the failed attempt's
     tensors can be freed first.
     """
-    model = handle.model
-    grid = (indices if indices is not None else latents).shape[-2:]
-    per_item = decode_bytes(model, grid[0], grid[1], handle.dtype)
-    fn = decode_indices if indices is not None else decode_latents
     inputs = indices if indices is not None else latents
+    per_item = decode_bytes(handle.model, *inputs.shape[-2:], handle.dtype)
+    fn = decode_indices if indices is not None else decode_latents
     try:
-        return model_to_images(run_sliced(handle, fn, inputs, per_item, node_id))
+        return sockets.make_image(run_sliced(handle, fn, inputs, per_item, node_id))
     except Exception as e:
-        if not host.is_oom(e):
+        if not out_of_memory(e, "decode", inputs.shape):
             raise
-        log.warning("vqcore: out of memory in a full decode of %s; retrying with tiled decode", tuple(inputs.shape))
     if indices is not None:
         latents = token_embeddings(handle, indices)
     return tiled_decode(handle, latents, DEFAULT_FALLBACK_TILE, node_id, quantized=indices is not None)
@@ -186,14 +150,24 @@ def encode(handle, images, node_id=None):
     try:
         return run_sliced(handle, encode_latents, images, per_item, node_id)
     except Exception as e:
-        if not host.is_oom(e):
+        if not out_of_memory(e, "encode", images.shape):
             raise
-        log.warning("vqcore: out of memory in a full encode of %s; retrying with tiled encode", tuple(images.shape))
     return tiled_encode(handle, images, DEFAULT_FALLBACK_TILE, node_id)
+
+
+def vq_encode(handle, images, node_id=None):
+    """VQ Encode: the continuous latents of `encode` and their codebook indices (B, h, w)."""
+    latents = encode(handle, images, node_id)
+    per_item = quantize_bytes(handle.model, *latents.shape[-2:], handle.dtype)
+    return latents, run_sliced(handle, quantize_latents, latents, per_item)
 
 
 def encode_latents(model, x):
     return latents_of(model.encode(x))
+
+
+def quantize_latents(model, latents):
+    return model.quantize(latents)[2]
 
 
 def latents_of(encoded):
@@ -219,7 +193,7 @@ def decode_indices(model, indices):
 def tiled_decode(handle, latents, tile_size, node_id=None, quantized=False):
     """Seamless tiled decode (equal to the full decode) → IMAGE; progress and interrupt per tile. quantized: the
     latents are codebook vectors already (decoded tokens), not latents to quantise."""
-    return model_to_images(tiled_decode_model_space(handle, latents, tile_size, node_id, quantized))
+    return sockets.make_image(tiled_decode_model_space(handle, latents, tile_size, node_id, quantized))
 
 
 def tiled_decode_model_space(handle, latents, tile_size, node_id=None, quantized=False):
@@ -227,26 +201,74 @@ def tiled_decode_model_space(handle, latents, tile_size, node_id=None, quantized
     cells = tile_size // handle.model.downscale_factor  # the device holds about one tile
     host.load_models([handle.patcher], decode_bytes(handle.model, cells, cells, handle.dtype))
     pbar = host.progress_bar(1, node_id)
-    with torch.inference_mode():
-        return tiling.tiled_decode(handle.model, latents.to(handle.dtype), tile_size=tile_size,
-                                   progress=lambda done, total: pbar.update_absolute(done, total),
-                                   should_cancel=interrupted, offload_device=host.offload_device("vae"),
-                                   force_not_quantize=quantized)
+
+    def run():
+        return tiling.tiled_decode(handle.model, in_model_dtype(latents, handle), tile_size=tile_size,
+                                   progress=progress_callback(pbar), should_cancel=host.interrupt_requested,
+                                   offload_device=host.offload_device("vae"), force_not_quantize=quantized)
+
+    with torch.inference_mode(), host_cancellation():
+        return redo_in_fp32_on_overflow(handle, "tiled_decode", run)
 
 
 def tiled_encode(handle, images, tile_size, node_id=None):
     """Seamless tiled encode, with the full encode's result: KL → posterior mode, VQ → continuous latents."""
     host.load_models([handle.patcher], encode_bytes(handle.model, tile_size, tile_size, handle.dtype))
     pbar = host.progress_bar(1, node_id)
-    with torch.inference_mode():
-        encoded = tiling.tiled_encode(handle.model, images.to(handle.dtype), tile_size=tile_size,
-                                      progress=lambda done, total: pbar.update_absolute(done, total),
-                                      should_cancel=interrupted, offload_device=host.offload_device("vae"))
+
+    def run():
+        return tiling.tiled_encode(handle.model, in_model_dtype(images, handle), tile_size=tile_size,
+                                   progress=progress_callback(pbar), should_cancel=host.interrupt_requested,
+                                   offload_device=host.offload_device("vae"))
+
+    with torch.inference_mode(), host_cancellation():
+        encoded = redo_in_fp32_on_overflow(handle, "tiled_encode", run)
     return latents_of(encoded).to(host.intermediate_device())
 
 
-def interrupted() -> bool:
-    """should_cancel hook for vqcore loops: raises the host's interrupt exception itself, so the node stops with
-    ComfyUI's "interrupted" status rather than an error."""
-    host.throw_if_interrupted()
-    return False
+# ---- VQ-Diffusion --------------------------------------------------------------------------------------------------
+
+def encode_text(clip, prompts) -> torch.Tensor:
+    """Prompts → (P, 77, C) float32 text embeddings on the CPU."""
+    host.load_models([clip.patcher])
+    with torch.inference_mode():
+        return clip.text_encoder.encode(list(prompts)).float().cpu()
+
+
+def run_sampler(model, prompt, negative, *, steps, mode, node_id=None, **options):
+    """vqcore's sample() for a VQ_DIFFUSION_MODEL with its sampling settings: transformer and VQ-VAE loaded first,
+    progress per step, a JPEG preview now and then (unless the user turned previews off), stops within one step when
+    the queue is cancelled. Returns (indices on the CPU, steps run, seconds)."""
+    vq = model.vq
+    batch = prompt.shape[0] * options.get("num_images_per_prompt", 1)
+    host.load_models([model.patcher, vq.patcher], sampler_bytes(model.transformer, batch))
+    pbar = host.progress_bar(model.scheduler.num_train_timesteps if steps is None else steps, node_id)
+    preview_size = host.preview_max_size()  # None: the user turned previews off
+    preview = Previewer(vq, preview_size) if preview_size else None
+
+    def callback(step, total, current, x0_estimate):
+        every = max(1, total // PREVIEWS_PER_RUN)
+        due = preview is not None and ((step + 1) % every == 0 or step + 1 == total)
+        pbar.update_absolute(step + 1, total, preview(x0_estimate) if due else None)
+
+    start = time.perf_counter()
+    with torch.inference_mode(), host_cancellation(), sockets.input_errors("model", SAMPLER_INPUTS):
+        indices = sample(model.transformer, model.scheduler, prompt, negative, steps=steps, mode=mode,
+                         truncation_rate=model.truncation_rate, prior_rule=model.prior_rule,
+                         prior_weight=model.prior_weight, callback=callback,
+                         should_cancel=host.interrupt_requested, **options).cpu()
+    return indices, pbar.total, time.perf_counter() - start
+
+
+class Previewer:
+    """JPEG previews of the sampler's current x0 estimate: the first image decoded with the pipeline's VQ-VAE."""
+
+    def __init__(self, vq, max_size):
+        self.vq, self.max_size = vq, max_size
+
+    def __call__(self, x0_estimate):
+        model = self.vq.model
+        with torch.inference_mode():
+            image = model.decode_indices(x0_estimate[:1].to(model.device))[0].float()
+        pixels = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        return ("JPEG", Image.fromarray(pixels), self.max_size)

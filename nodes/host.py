@@ -46,6 +46,7 @@ def bind(model_management=None, model_patcher=None, utils=None, folder_paths=Non
     g = globals()
     g.update(mm=model_management, model_patcher=model_patcher, utils=utils, comfy_sd=sd, cli_args=cli_args,
              folders=folder_paths if folder_paths is not None else PlainFolders())
+    diffusers_folders_cache.clear()
     register_model_folders()
 
 

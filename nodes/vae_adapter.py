@@ -13,8 +13,10 @@ import copy
 import torch
 
 from ..vqcore.autoencoder_kl import AutoencoderKL
+from ..vqcore.errors import VQCoreError
 from ..vqcore.vae_layouts import infer_config, to_diffusers_names, to_ldm_names
-from . import compute, host
+from . import compute, host, sockets
+from .handles import AutoencoderHandle
 
 COMFY_NORM_GROUPS = 32  # ComfyUI's LDM Encoder/Decoder hard-code GroupNorm(32), SiLU and a mid-block attention
 
@@ -27,7 +29,7 @@ class VAEAdapter:
     output_channels = 3
     handles_tiling = True
 
-    def __init__(self, handle: compute.AutoencoderHandle):
+    def __init__(self, handle: AutoencoderHandle):
         self.vqcore_handle = handle
         model = handle.model
         self.first_stage_model = model
@@ -67,15 +69,15 @@ class VAEAdapter:
         return compute.tiled_decode(self.vqcore_handle, samples, tile_pixels(self.vqcore_handle, tile_x, tile_y))
 
     def encode(self, pixel_samples):
-        return compute.encode(self.vqcore_handle, compute.images_to_model(pixel_samples, self.downscale_ratio, "pixels"))
+        return compute.encode(self.vqcore_handle, sockets.image_to_model(pixel_samples, self.downscale_ratio, "pixels"))
 
     def encode_tiled(self, pixel_samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
-        x = compute.images_to_model(pixel_samples, self.downscale_ratio, "pixels")
+        x = sockets.image_to_model(pixel_samples, self.downscale_ratio, "pixels")
         return compute.tiled_encode(self.vqcore_handle, x, max(tile_x or 512, tile_y or 512))
 
     def check_latents(self, samples):
         if samples.ndim != 4 or samples.shape[1] != self.latent_channels:
-            raise compute.VQCoreError(f"samples: this VAE takes latents with {self.latent_channels} channels "
+            raise VQCoreError(f"samples: this VAE takes latents with {self.latent_channels} channels "
                                       f"[batch, {self.latent_channels}, h, w]; got {tuple(samples.shape)}")
 
 
@@ -133,7 +135,7 @@ def vae_for_host(model: AutoencoderKL, name: str):
     overflow of SD-family decoders (black images); ours recomputes in fp32.
 
     The vqcore model stays beside ComfyUI's copy of the weights: it is what the seamless tiler runs."""
-    handle = compute.AutoencoderHandle(model, name)
+    handle = AutoencoderHandle(model, name)
     config = comfy_config(model.config) if model.dtype != torch.float16 else None
     vae = None
     if config is not None:
@@ -165,18 +167,33 @@ def kl_handle(vae, input_name):
     if cached is not None:
         return cached
     if not hasattr(vae, "get_sd"):
-        raise compute.VQCoreError(f"{input_name}: expected a VAE or VQ_VAE; got {type(vae).__name__}")
-    with compute.input_errors(input_name):
+        raise VQCoreError(f"{input_name}: expected a VAE or VQ_VAE; got {type(vae).__name__}")
+    with sockets.input_errors(input_name):
         state = to_diffusers_names(dict(vae.get_sd()), "the connected VAE")
         config = infer_config(state, "the connected VAE")
         if config["_class_name"] != "AutoencoderKL":
-            raise compute.VQCoreError("the connected VAE is not an LDM/diffusers AutoencoderKL")
+            raise VQCoreError("the connected VAE is not an LDM/diffusers AutoencoderKL")
         with torch.device("meta"):  # the weights come from the VAE; skip random initialisation
             model = AutoencoderKL.from_config(config)
         try:
             model.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:
-            raise compute.VQCoreError(f"the connected VAE's weights do not fit an AutoencoderKL: {e}") from e
-    handle = compute.AutoencoderHandle(model.to(getattr(vae, "vae_dtype", torch.float32)), "VAE")
+            raise VQCoreError(f"the connected VAE's weights do not fit an AutoencoderKL: {e}") from e
+    handle = AutoencoderHandle(model.to(getattr(vae, "vae_dtype", torch.float32)), "VAE")
     vae.vqcore_handle = handle
+    return handle
+
+
+def autoencoder_handle(vae, input_name):
+    """VQ_VAE or any ComfyUI VAE (ours or core's) → the vqcore handle behind it."""
+    if isinstance(vae, AutoencoderHandle):
+        return vae
+    return kl_handle(vae, input_name)
+
+
+def vq_handle(vq_vae, input_name):
+    """A VQ_VAE socket's handle: an autoencoder with a codebook."""
+    handle = autoencoder_handle(vq_vae, input_name)
+    if handle.codebook_id is None:
+        raise VQCoreError(f"{input_name}: expected a VQ autoencoder; this one has no codebook")
     return handle

@@ -40,10 +40,13 @@ class FakeHost:
             for patcher in models:
                 patcher.model.to(patcher.load_device)
 
-        def throw_exception_if_processing_interrupted():
+        def processing_interrupted():
             host.interrupt_checks += 1
             host.events.append(("interrupt_check", host.interrupt_checks))
-            if host.interrupt_after_checks is not None and host.interrupt_checks >= host.interrupt_after_checks:
+            return host.interrupt_after_checks is not None and host.interrupt_checks >= host.interrupt_after_checks
+
+        def throw_exception_if_processing_interrupted():
+            if processing_interrupted():
                 raise InterruptProcessingException()
 
         return types.SimpleNamespace(
@@ -51,7 +54,7 @@ class FakeHost:
             text_encoder_offload_device=cpu, unet_offload_device=cpu, intermediate_device=cpu,
             vae_dtype=lambda device=None, allowed_dtypes=(): torch.float32,
             get_free_memory=lambda dev=None, torch_free_too=False: host.free_memory,
-            load_models_gpu=load_models_gpu,
+            load_models_gpu=load_models_gpu, processing_interrupted=processing_interrupted,
             throw_exception_if_processing_interrupted=throw_exception_if_processing_interrupted,
             InterruptProcessingException=InterruptProcessingException,
             OOM_EXCEPTION=torch.OutOfMemoryError,

@@ -182,6 +182,38 @@ def test_half_precision_overflow_is_recomputed_in_fp32(pack, fake, caplog):
     assert "float32" in caplog.text and vq_vae.dtype == torch.float32
 
 
+def test_out_of_memory_in_vq_encode_falls_back_to_tiled_encode(pack, fake, caplog):
+    (vq_vae,) = node(pack, "VQCoreLoadVQModel").load(VQ_FILE)
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(3))
+    reference = node(pack, "VQCoreEncode").encode(vq_vae, image)["result"]
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    vq_vae.model.encode = out_of_memory
+    try:
+        with caplog.at_level(logging.WARNING, logger="vqcore"):
+            latent, tokens = node(pack, "VQCoreEncode").encode(vq_vae, image)["result"]
+    finally:
+        del vq_vae.model.encode
+    assert "tiled encode" in caplog.text
+    assert (latent["samples"] - reference[0]["samples"]).abs().max() <= 1e-3
+    assert torch.equal(tokens["indices"], reference[1]["indices"])
+
+
+def test_half_precision_overflow_in_vq_encode_is_recomputed_in_fp32(pack, fake, caplog):
+    (vq_vae,) = node(pack, "VQCoreLoadVQModel").load(VQ_FILE, dtype="fp16")
+    with torch.no_grad():  # activations beyond fp16's 65504 before the first norm, harmless in fp32
+        vq_vae.model.encoder.conv_in.weight.mul_(5e4)  # largest weight about 1e4
+    image = torch.rand(2, 32, 32, 3, generator=torch.Generator().manual_seed(4))
+    with caplog.at_level(logging.WARNING, logger="vqcore"):
+        latent, tokens = node(pack, "VQCoreEncode").encode(vq_vae, image)["result"]
+    assert "computing again in float32" in caplog.text and vq_vae.dtype == torch.float32
+    assert torch.isfinite(latent["samples"]).all()
+    again_latent, again = node(pack, "VQCoreEncode").encode(vq_vae, image)["result"]  # now float32 throughout
+    assert torch.equal(tokens["indices"], again["indices"]) and torch.equal(latent["samples"], again_latent["samples"])
+
+
 def test_model_folders_merge_with_user_configured_paths(pack, demo_models, tmp_path):
     host = host_module(pack)
     fake = FakeHost(demo_models, host.PlainFolders)

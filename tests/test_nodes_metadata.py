@@ -6,7 +6,7 @@ EXPECTED = {
     "VQCoreDecode": "VQ Decode", "VQCoreTiledVAEDecode": "Tiled VAE Decode (seamless)",
     "VQCoreTiledVAEEncode": "Tiled VAE Encode (seamless)", "VQCoreLoadVQDiffusion": "Load VQ-Diffusion Checkpoint",
     "VQCoreCLIPTextEncode": "CLIP Text Encode (VQ-Diffusion)", "VQCoreVQDiffusionSampler": "VQ-Diffusion Sampler",
-    "VQCoreTruncation": "Truncation", "VQCoreSeamlessVAE": "Seamless VAE",
+    "VQCoreTruncation": "Truncation and Purity Prior", "VQCoreSeamlessVAE": "Seamless VAE",
 }
 
 

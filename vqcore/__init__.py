@@ -10,7 +10,7 @@ from .autoencoder import use_fast_path
 from .autoencoder_kl import AutoencoderKL, DiagonalGaussian
 from .checkpoint import read_state_dict
 from .devices import default_device, resolve_dtype
-from .errors import CheckpointError, VQCoreError
+from .errors import Cancelled, CheckpointError, VQCoreError
 from .loading import load_autoencoder, load_autoencoder_kl, load_vqmodel
 from .sampler import MODES, PRIOR_RULES, SamplingCancelled, sample
 from .scheduler import VQDiffusionScheduler
@@ -29,6 +29,7 @@ __all__ = [
     "read_state_dict",
     "default_device",
     "resolve_dtype",
+    "Cancelled",
     "CheckpointError",
     "VQCoreError",
     "load_autoencoder",

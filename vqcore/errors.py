@@ -11,3 +11,7 @@ class CheckpointError(VQCoreError):
 
 class NonFiniteResult(VQCoreError):
     """A model computed NaN or infinite values from finite input: damaged weights, or overflow of its dtype."""
+
+
+class Cancelled(Exception):
+    """A long loop (tiled pass, sampling) stopped because its should_cancel() hook answered True."""

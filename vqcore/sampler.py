@@ -28,7 +28,7 @@ import math
 import numpy as np
 import torch
 
-from .errors import VQCoreError
+from .errors import Cancelled, VQCoreError
 from .scheduler import gumbel_argmax
 from .truncation import check_rate, truncate
 
@@ -38,7 +38,7 @@ SEED_MAX = 2**64 - 1
 LOG_FLOOR = -70.0  # diffusers and the original clamp log-probabilities here instead of log(0)
 
 
-class SamplingCancelled(Exception):
+class SamplingCancelled(Cancelled):
     """Raised by sample() when should_cancel() returns True."""
 
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from .autoencoder import check_input
 from .autoencoder_kl import DiagonalGaussian
-from .errors import VQCoreError
+from .errors import Cancelled, VQCoreError
 from .model_io import check_floating, check_result
 
 MIN_TILE_LATENTS = 4  # smallest tile, in latent pixels: below this the halos cost more than the tiles
@@ -56,7 +56,7 @@ def glibc_malloc_trim():
 MALLOC_TRIM = glibc_malloc_trim()
 
 
-class TilingCancelled(RuntimeError):
+class TilingCancelled(Cancelled):
     """should_cancel() returned True between two tiles."""
 
 
