@@ -172,6 +172,11 @@ def preview_max_size():
     return int(args.preview_size)
 
 
+def interrupt_requested() -> bool:
+    """Whether the user pressed Cancel (the should_cancel hook of vqcore's loops); False outside ComfyUI."""
+    return mm is not None and bool(mm.processing_interrupted())
+
+
 def throw_if_interrupted():
     """Raises the host's interrupt exception once the user pressed Cancel; a no-op outside ComfyUI."""
     if mm is not None:
@@ -245,16 +250,39 @@ def model_file_path(folder: str, name: str, input_name: str) -> str:
 
 
 def diffusers_folders() -> dict:
-    """{relative name: absolute path} of every diffusers model folder (one holding model_index.json or config.json)."""
-    found = {}
-    for root in folders.get_folder_paths("diffusers"):
+    """{relative name: absolute path} of every diffusers model folder (one holding model_index.json or config.json).
+
+    Every loader's INPUT_TYPES asks, each time the front end refreshes its node list; the walk is done again only
+    when a folder it went through changed (its mtime: an entry added, removed or renamed), as folder_paths caches
+    its file lists."""
+    roots = tuple(folders.get_folder_paths("diffusers"))
+    cached = diffusers_folders_cache.get(roots)
+    if cached is not None and all(mtime(d) == seen for d, seen in cached[1].items()):
+        return dict(cached[0])
+    found, walked = {}, {}
+    for root in roots:
+        walked[root] = mtime(root)
         if not os.path.isdir(root):
             continue
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            walked[dirpath] = mtime(dirpath)
             if "model_index.json" in filenames or "config.json" in filenames:
                 found.setdefault(Path(os.path.relpath(dirpath, root)).as_posix(), dirpath)
                 dirnames.clear()  # a pipeline's components are reached through the pipeline folder
-    return dict(sorted(found.items()))
+    found = dict(sorted(found.items()))
+    diffusers_folders_cache.clear()
+    diffusers_folders_cache[roots] = (found, walked)
+    return dict(found)
+
+
+diffusers_folders_cache = {}  # {diffusers roots: (folders found, {folder walked: its mtime})}
+
+
+def mtime(path):
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
 
 
 # ---- ComfyUI's own VAE ----------------------------------------------------------------------------------------------

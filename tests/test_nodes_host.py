@@ -3,7 +3,10 @@ compute, batch slices sized by free memory, progress to the total, interrupt, OO
 model-folder registration."""
 
 import logging
+import os
+import shutil
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,6 +232,24 @@ def test_model_folders_merge_with_user_configured_paths(pack, demo_models, tmp_p
         assert "mine.safetensors" in choices and VQ_FILE in choices
         for folder in ("vae", "checkpoints", "diffusers"):
             assert fake.folders.folder_names_and_paths[folder][0] == [str(demo_models / folder)]
+
+
+def test_diffusers_folders_are_walked_again_only_when_a_folder_changed(pack, tmp_path, monkeypatch):
+    host = host_module(pack)
+    demo = Path(pack.__file__).parent / "vqcore" / "demo_weights" / "models" / "diffusers" / "vqcore-photo-vq-f4"
+    shutil.copytree(demo, tmp_path / "diffusers" / "org" / "photo")
+    walks = []
+    real_walk = os.walk
+    monkeypatch.setattr(host.os, "walk", lambda *a, **k: walks.append(a[0]) or real_walk(*a, **k))
+    loader = pack.NODE_CLASS_MAPPINGS["VQCoreLoadVQModel"]
+    with bound_host(pack, folder_paths=host.PlainFolders(tmp_path)):
+        assert "diffusers:org/photo" in loader.INPUT_TYPES()["required"]["vq_model_name"][0]
+        loader.INPUT_TYPES()
+        assert len(walks) == 1, "nothing changed: the folders were walked again"
+        shutil.copytree(tmp_path / "diffusers" / "org" / "photo", tmp_path / "diffusers" / "org" / "copy")
+        os.utime(tmp_path / "diffusers" / "org", ns=(0, 0))  # the new entry's mtime, also on coarse-clock filesystems
+        assert "diffusers:org/copy" in loader.INPUT_TYPES()["required"]["vq_model_name"][0]
+        assert len(walks) == 2
 
 
 @pytest.fixture

@@ -63,11 +63,14 @@ def supports_bf16(device: torch.device) -> bool:
 def resolve_dtype(dtype, device=None) -> torch.dtype:
     """Turns None/"auto"/"fp16"/"bf16"/"fp32" or a torch.dtype into a torch.dtype.
 
-    "auto" means bf16 where the device computes it natively, fp32 otherwise.
+    None (every loader's default) means fp32, as in diffusers; "auto", asked for by name, means bf16 where the device
+    computes it natively, fp32 otherwise.
     """
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype in (None, "auto"):
+    if dtype is None:
+        return torch.float32
+    if dtype == "auto":
         return torch.bfloat16 if supports_bf16(device or default_device()) else torch.float32
     if dtype not in DTYPES:
         raise VQCoreError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
