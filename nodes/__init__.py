@@ -1,4 +1,9 @@
-"""The pack's ComfyUI nodes: thin shells over vqcore, wired to the host through nodes/host.py."""
+"""The pack's ComfyUI nodes: thin shells over vqcore, wired to the host through nodes/host.py.
+
+Node classes (autoencoder_nodes, diffusion_nodes, seamless_vae_node) check widget values and call the rest, and
+import none of each other: sockets (the data socket types), handles (what the model sockets carry), compute (running
+every model), vae_adapter (ComfyUI's VAE socket), model_choices (the loaders' combos), ui_payloads (the panels' JSON).
+"""
 
 from . import autoencoder_nodes, diffusion_nodes, seamless_vae_node
 

@@ -91,10 +91,6 @@ def host_cancellation():
         raise
 
 
-def progress_callback(pbar):
-    return lambda done, total: pbar.update_absolute(done, total)
-
-
 # ---- autoencoders --------------------------------------------------------------------------------------------------
 
 def run_sliced(handle, fn, inputs, per_item_bytes, node_id=None):
@@ -199,31 +195,30 @@ def tiled_decode(handle, latents, tile_size, node_id=None, quantized=False):
 def tiled_decode_model_space(handle, latents, tile_size, node_id=None, quantized=False):
     """The seamless tiled decode's raw output: NCHW in the model's -1..1 range, on the offload device."""
     cells = tile_size // handle.model.downscale_factor  # the device holds about one tile
-    host.load_models([handle.patcher], decode_bytes(handle.model, cells, cells, handle.dtype))
-    pbar = host.progress_bar(1, node_id)
-
-    def run():
-        return tiling.tiled_decode(handle.model, in_model_dtype(latents, handle), tile_size=tile_size,
-                                   progress=progress_callback(pbar), should_cancel=host.interrupt_requested,
-                                   offload_device=host.offload_device("vae"), force_not_quantize=quantized)
-
-    with torch.inference_mode(), host_cancellation():
-        return redo_in_fp32_on_overflow(handle, "tiled_decode", run)
+    return run_tiled(handle, tiling.tiled_decode, latents, tile_size, decode_bytes(handle.model, cells, cells,
+                     handle.dtype), node_id, force_not_quantize=quantized)
 
 
 def tiled_encode(handle, images, tile_size, node_id=None):
     """Seamless tiled encode, with the full encode's result: KL → posterior mode, VQ → continuous latents."""
-    host.load_models([handle.patcher], encode_bytes(handle.model, tile_size, tile_size, handle.dtype))
+    encoded = run_tiled(handle, tiling.tiled_encode, images, tile_size,
+                        encode_bytes(handle.model, tile_size, tile_size, handle.dtype), node_id)
+    return latents_of(encoded).to(host.intermediate_device())
+
+
+def run_tiled(handle, tiled_pass, inputs, tile_size, tile_bytes, node_id, **options):
+    """A vqcore tiled pass after the memory manager loaded the model for about one tile; progress and cancellation
+    per tile, the fp16 redo as for full passes."""
+    host.load_models([handle.patcher], tile_bytes)
     pbar = host.progress_bar(1, node_id)
 
     def run():
-        return tiling.tiled_encode(handle.model, in_model_dtype(images, handle), tile_size=tile_size,
-                                   progress=progress_callback(pbar), should_cancel=host.interrupt_requested,
-                                   offload_device=host.offload_device("vae"))
+        return tiled_pass(handle.model, in_model_dtype(inputs, handle), tile_size=tile_size,
+                          progress=lambda done, total: pbar.update_absolute(done, total), should_cancel=host.interrupt_requested,
+                          offload_device=host.offload_device("vae"), **options)
 
     with torch.inference_mode(), host_cancellation():
-        encoded = redo_in_fp32_on_overflow(handle, "tiled_encode", run)
-    return latents_of(encoded).to(host.intermediate_device())
+        return redo_in_fp32_on_overflow(handle, tiled_pass.__name__, run)
 
 
 # ---- VQ-Diffusion --------------------------------------------------------------------------------------------------

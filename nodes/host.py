@@ -242,8 +242,8 @@ def model_files(folder: str) -> list:
 
 
 def model_file_path(folder: str, name: str, input_name: str) -> str:
-    path = folders.get_full_path(folder, name)
-    if path is None or not os.path.isfile(path):
+    path = folders.get_full_path(folder, name)  # None unless it is a file (folder_paths and PlainFolders check)
+    if path is None:
         raise VQCoreError(f"{input_name}: model file {name!r} not found in the {folder!r} model folders "
                           f"({', '.join(folders.get_folder_paths(folder)) or 'none registered'})")
     return path

@@ -5,7 +5,8 @@ compression ratios, get_sd, ...). Latents are raw and unscaled, as everywhere in
 Either way the VAE is tied to the vqcore model it was made from once, at load (`vqcore_handle`), and its tiled
 decode is vqcore's seamless one: core's VAE Decode (Tiled) and core's out-of-memory retry reach it on hosts with the
 `handles_tiling` hook (ComfyUI 0.33+). VAEs from ComfyUI's own loaders go the other way once: their weights become a
-vqcore model (kl_handle), which is how the Seamless VAE node and our tiled nodes take them.
+vqcore model (kl_handle), which is how the Seamless VAE node and our tiled nodes take them. autoencoder_handle and
+vq_handle give the AutoencoderHandle behind whatever reaches a VAE or VQ_VAE input.
 """
 
 import copy
