@@ -7,6 +7,7 @@ scale, so per-tile GroupNorm statistics really differ from the global ones.
 import pytest
 import torch
 
+from vqcore.autoencoder import Attention, Chain, Level, MidBlock, Upsample
 from vqcore.autoencoder_kl import AutoencoderKL
 from vqcore.errors import VQCoreError
 from vqcore.tiling import TilingCancelled, tiled_decode, tiled_encode
@@ -31,17 +32,22 @@ MOVQ_CONFIG = dict(block_out_channels=[32, 32, 64], down_block_types=[D, D, D], 
 def model_pair(ours_cls, theirs_cls, config, seed):
     """A diffusers model with perturbed norms and codebook, and ours loaded from its state dict (strict)."""
     torch.manual_seed(seed)
-    theirs = theirs_cls(**config).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
+    theirs = perturbed(theirs_cls(**config).eval(), seed + 1)
+    ours = ours_cls(**config).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return ours, theirs
+
+
+def perturbed(model, seed):
+    """The model with its norm affines moved off (1, 0) and a codebook spread as wide as the latents."""
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in theirs.named_parameters():
+        for name, param in model.named_parameters():
             if "norm" in name:
                 param.add_(0.2 * torch.randn(param.shape, generator=gen))
             elif "embedding" in name:
                 param.copy_(torch.randn(param.shape, generator=gen))
-    ours = ours_cls(**config).eval()
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    return ours, theirs
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +143,38 @@ def test_movq_tiled_decode_equals_full_decode_where_blending_does_not(movq_model
         reference = theirs.decode(z).sample
         naive = naive_blended_tiling(lambda t: theirs.decode(t).sample, z, 8, 32)
     assert_tiling_seamless(tiled_decode(ours, z, tile_size=TILE), full, reference, naive)
+
+
+class AttentionFirstLevel(Chain):
+    """An up level no stock decoder has: attention at the input's resolution, a stock attention level, then a mid
+    block at the level's output resolution. It states only its arrangement; tiling follows from its blocks."""
+
+    def __init__(self, in_channels, out_channels, groups, zq_channels):
+        super().__init__()
+        self.first = Attention(in_channels, groups, zq_channels)
+        self.level = Level(in_channels=in_channels, out_channels=out_channels, num_layers=2, groups=groups,
+                           act_fn="silu", attention=True, resampler=Upsample(out_channels), zq_channels=zq_channels)
+        self.last = MidBlock(channels=out_channels, groups=groups, act_fn="silu", add_attention=True,
+                             zq_channels=zq_channels)
+
+    def parts(self):
+        return [self.first, self.level, self.last]
+
+
+def test_a_new_block_arrangement_tiles_seamlessly():
+    """A 3-level MoVQ decoder whose middle up level is rearranged (attention before it, a mid block after it): the
+    tiled decode equals the full one, where blended tiling does not."""
+    torch.manual_seed(11)
+    model = VQModel(**MOVQ_CONFIG).eval()
+    model.decoder.up_blocks[1] = AttentionFirstLevel(64, 32, MOVQ_CONFIG["norm_num_groups"], 4)
+    perturbed(model, seed=12)
+    z = trending_latents(1, 4, seed=13)
+    with torch.no_grad():
+        full = model.decode(z)
+        naive = naive_blended_tiling(model.decode, z, 8, 32)
+    assert full.shape == (1, 3, 76, 92) and full.std() > 0.2
+    assert pixel_error(tiled_decode(model, z, tile_size=TILE), full) <= PIXEL_TOLERANCE
+    assert pixel_error(naive, full) > NAIVE_FACTOR * PIXEL_TOLERANCE
 
 
 def test_vq_decode_of_codebook_vectors_and_indices(movq_models):

@@ -86,6 +86,10 @@ class GroupNorm(nn.GroupNorm):
             return group_norm_channels_last(x, self, in_place)
         return super().forward(x)
 
+    def tile_program(self, program, zq=None):
+        """Normalisation with the statistics of the whole map; returns the name of the map normalised."""
+        return program.normalise(self)
+
 
 class SpatialNorm(nn.Module):
     """MoVQ's spatially conditioned norm: GroupNorm(f) scaled and shifted by 1x1 convolutions of the codebook output."""
@@ -97,10 +101,21 @@ class SpatialNorm(nn.Module):
         self.conv_b = nn.Conv2d(zq_channels, f_channels, 1)
 
     def forward(self, f, zq, in_place=False):
-        if zq is None:
-            raise VQCoreError("a spatial-norm (MoVQ) decoder needs the quantized latents zq; got zq=None")
-        zq = F.interpolate(zq, size=f.shape[-2:], mode="nearest")
-        return self.norm_layer(f, in_place=in_place).mul_(self.conv_y(zq)).add_(self.conv_b(zq))
+        check_zq(zq)
+        return self.modulate(self.norm_layer(f, in_place=in_place), F.interpolate(zq, size=f.shape[-2:], mode="nearest"))
+
+    def modulate(self, normalised, zq):
+        """The normalised map scaled and shifted by zq at its resolution, in place."""
+        return normalised.mul_(self.conv_y(zq)).add_(self.conv_b(zq))
+
+    def tile_program(self, program, zq):
+        check_zq(zq)
+        return program.normalise(self.norm_layer, zq, self.modulate)
+
+
+def check_zq(zq):
+    if zq is None:
+        raise VQCoreError("a spatial-norm (MoVQ) decoder needs the quantized latents zq; got zq=None")
 
 
 def make_norm(channels, groups, zq_channels):
@@ -135,6 +150,19 @@ class ResnetBlock(nn.Module):
             return h.add_(shortcut)
         return shortcut + h  # not h.add_(...): the sum must take the shortcut's memory layout, as in diffusers
 
+    def tile_program(self, program, zq=None):
+        residual = self.norm1.tile_program(program, zq)
+        if self.conv_shortcut is not None:
+            # Made in the first segment, from the block's input at each tile: the input can then be freed as that
+            # segment's tiles pass instead of being held to the end of the block.
+            residual = program.shortcut(self.conv_shortcut)
+        program.pointwise(self.act)
+        program.conv(self.conv1)
+        self.norm2.tile_program(program, zq)
+        program.pointwise(self.act)
+        program.conv(self.conv2)
+        program.add_residual(residual)
+
 
 class Attention(nn.Module):
     """Single-head self-attention over all pixels, with a residual connection."""
@@ -155,19 +183,33 @@ class Attention(nn.Module):
     def forward(self, x, zq=None):
         b, c, h, w = x.shape
         if self.fast:  # the norm on the channels-last map, whose (B, HW, C) tokens are then a contiguous view
-            hidden = self.spatial_norm(x, zq) if hasattr(self, "spatial_norm") else self.group_norm(x)
-            tokens = hidden.flatten(2).transpose(1, 2)
+            tokens = self.norm(x, zq).flatten(2).transpose(1, 2)
+        elif hasattr(self, "spatial_norm"):
+            tokens = self.spatial_norm(x, zq).view(b, c, h * w).transpose(1, 2)
         else:  # diffusers' order: GroupNorm on the (B, C, HW) view
-            hidden = self.spatial_norm(x, zq) if hasattr(self, "spatial_norm") else x
-            tokens = hidden.view(b, c, h * w)
-            if hasattr(self, "group_norm"):
-                tokens = self.group_norm(tokens)
-            tokens = tokens.transpose(1, 2)  # (B, HW, C)
-        q, k, v = (proj(tokens).view(b, h * w, 1, c).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h * w, c)
+            tokens = self.group_norm(x.view(b, c, h * w)).transpose(1, 2)  # (B, HW, C)
+        keys, values = self.keys_values(tokens)
         # (B, HW, C) -> (B, C, H, W) as a view, and a fresh sum: the result is channels-last-strided exactly like
         # diffusers' (strides included, which decide the layout of later GroupNorm outputs).
-        return self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w) + x
+        return self.attend(tokens, keys, values).transpose(1, 2).reshape(b, c, h, w) + x
+
+    @property
+    def norm(self):
+        """The input norm (diffusers names it spatial_norm in MoVQ, group_norm elsewhere)."""
+        return self.spatial_norm if hasattr(self, "spatial_norm") else self.group_norm
+
+    def keys_values(self, tokens):
+        """Single-head keys and values (B, 1, N, C) of normalised tokens (B, N, C)."""
+        return self.to_k(tokens).unsqueeze(1), self.to_v(tokens).unsqueeze(1)
+
+    def attend(self, tokens, keys, values):
+        """The attention output (B, N, C) of normalised tokens (B, N, C) to keys and values (B, 1, M, C)."""
+        out = F.scaled_dot_product_attention(self.to_q(tokens).unsqueeze(1), keys, values)
+        return self.to_out[0](out.squeeze(1))
+
+    def tile_program(self, program, zq=None):
+        """Global: the keys and values of the whole map are gathered first, then each tile's queries attend."""
+        program.attention(self.norm, zq, self.keys_values, self.attend)
 
 
 class Downsample(nn.Module):
@@ -179,8 +221,11 @@ class Downsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2)
 
-    def forward(self, x):
+    def forward(self, x, zq=None):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+    def tile_program(self, program, zq=None):
+        program.pad_bottom_right_conv(self.conv)
 
 
 class Upsample(nn.Module):
@@ -203,7 +248,7 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x):
+    def forward(self, x, zq=None):
         if self.fast:
             weight = self.conv.weight
             taps = torch.tensor(self.TRANSPOSED_TAPS, dtype=weight.dtype, device=weight.device)
@@ -213,8 +258,29 @@ class Upsample(nn.Module):
             x = x.contiguous()  # the channels-last nearest kernel fails on very large tensors
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
+    def tile_program(self, program, zq=None):
+        program.upsample_nearest()
+        program.conv(self.conv)
 
-class Level(nn.Module):
+
+class Chain(nn.Module):
+    """Blocks run one after another on (x, zq). forward and tile_program (vqcore.tiling) both walk `parts()`, so a
+    tiled pass follows the full pass by construction, whatever the arrangement of the blocks."""
+
+    def parts(self):
+        raise NotImplementedError
+
+    def forward(self, x, zq=None):
+        for part in self.parts():
+            x = part(x, zq)
+        return x
+
+    def tile_program(self, program, zq=None):
+        for part in self.parts():
+            part.tile_program(program, zq)
+
+
+class Level(Chain):
     """One resolution level: resnets (each followed by attention in the Attn block types), then an optional resampler
     stored as `downsamplers.0` or `upsamplers.0`."""
 
@@ -231,17 +297,16 @@ class Level(nn.Module):
         if resampler is not None:
             setattr(self, self.resampler_name, nn.ModuleList([resampler]))
 
-    def forward(self, x, zq=None):
+    def parts(self):
         for i, resnet in enumerate(self.resnets):
-            x = resnet(x, zq)
+            yield resnet
             if self.attentions:
-                x = self.attentions[i](x, zq)
+                yield self.attentions[i]
         if self.resampler_name:
-            x = getattr(self, self.resampler_name)[0](x)
-        return x
+            yield getattr(self, self.resampler_name)[0]
 
 
-class MidBlock(nn.Module):
+class MidBlock(Chain):
     """resnet -> attention (optional) -> resnet at the lowest resolution."""
 
     def __init__(self, channels, groups, act_fn, add_attention, zq_channels=None):
@@ -249,11 +314,8 @@ class MidBlock(nn.Module):
         self.resnets = nn.ModuleList(ResnetBlock(channels, channels, groups, act_fn, zq_channels) for _ in range(2))
         self.attentions = nn.ModuleList([Attention(channels, groups, zq_channels)] if add_attention else [])
 
-    def forward(self, x, zq=None):
-        x = self.resnets[0](x, zq)
-        if self.attentions:
-            x = self.attentions[0](x, zq)
-        return self.resnets[1](x, zq)
+    def parts(self):
+        return [self.resnets[0], *self.attentions, self.resnets[1]]
 
 
 def block_attention(block_types, known, field):
@@ -288,8 +350,18 @@ class Encoder(nn.Module):
         for level in self.down_blocks:
             x = level(x)
         x = self.mid_block(x)
-        x = self.conv_out(F.silu(self.conv_norm_out(x, in_place=self.fast), inplace=True))  # SiLU whatever act_fn says
+        x = self.conv_out(silu_(self.conv_norm_out(x, in_place=self.fast)))  # SiLU whatever act_fn says
         return x.contiguous() if self.fast else x
+
+    def tile_program(self, program):
+        """forward, for vqcore.tiling."""
+        program.conv(self.conv_in)
+        for level in self.down_blocks:
+            level.tile_program(program)
+        self.mid_block.tile_program(program)
+        self.conv_norm_out.tile_program(program)
+        program.pointwise(silu_)
+        program.conv(self.conv_out)
 
 
 class Decoder(nn.Module):
@@ -323,8 +395,23 @@ class Decoder(nn.Module):
         x = self.mid_block(x, zq)
         for level in self.up_blocks:
             x = level(x, zq)
-        x = self.conv_out(F.silu(self.conv_norm_out(x, zq, in_place=self.fast), inplace=True))
+        x = self.conv_out(silu_(self.conv_norm_out(x, zq, in_place=self.fast)))
         return x.contiguous() if self.fast else x
+
+    def tile_program(self, program, zq=None):
+        """forward, for vqcore.tiling; zq names the map of the quantized latents there."""
+        program.conv(self.conv_in)
+        self.mid_block.tile_program(program, zq)
+        for level in self.up_blocks:
+            level.tile_program(program, zq)
+        self.conv_norm_out.tile_program(program, zq)
+        program.pointwise(silu_)
+        program.conv(self.conv_out)
+
+
+def silu_(x):
+    """The encoder's and decoder's output activation, in place."""
+    return F.silu(x, inplace=True)
 
 
 def use_fast_path(model, enabled=True):

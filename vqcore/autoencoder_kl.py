@@ -123,6 +123,18 @@ class AutoencoderKL(nn.Module):
         """The modules a decode runs, by checkpoint name: where a NaN/inf weight is looked for."""
         return {"post_quant_conv": self.post_quant_conv, "decoder": self.decoder}
 
+    def encode_tile_program(self, program):
+        """encode up to the moments, for vqcore.tiling."""
+        self.encoder.tile_program(program)
+        if self.quant_conv is not None:
+            program.conv(self.quant_conv)
+
+    def decode_tile_program(self, program):
+        """decode, for vqcore.tiling: from the unscaled latents, map program.input."""
+        if self.post_quant_conv is not None:
+            program.conv(self.post_quant_conv)
+        self.decoder.tile_program(program)
+
     def scale_latents(self, z):
         """Encoder latents -> the normalised latents a diffusion model works on."""
         sf, shift, mean, std = self.latent_statistics(z)

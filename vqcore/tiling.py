@@ -37,7 +37,7 @@ import ctypes
 import torch
 import torch.nn.functional as F
 
-from .autoencoder import check_input
+from .autoencoder import check_input, group_statistics
 from .autoencoder_kl import DiagonalGaussian
 from .errors import Cancelled, VQCoreError
 from .model_io import check_floating, check_result
@@ -73,8 +73,6 @@ class Conv3x3:
     """3x3 convolution, stride 1, zero padding 1."""
 
     def __init__(self, conv):
-        if conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.padding != (1, 1):
-            raise VQCoreError(f"tiling supports 3x3 stride-1 pad-1 convolutions here; got {conv}")
         self.conv = conv
 
     def out_size(self, size):
@@ -103,7 +101,7 @@ class Upsample2x:
         return crop(y, tuple(2 * v for v in have), want)
 
 
-class Downsample2x:
+class PadConvStride2:
     """LDM downsampling: pad one zero row/column at the bottom/right, then a 3x3 stride-2 convolution."""
 
     def __init__(self, conv):
@@ -152,27 +150,18 @@ class AddResidual(Pointwise):
         return x.add_(ctx.read(self.source, have))
 
 
-def group_norm_of(norm):
-    """The GroupNorm inside a norm layer (SpatialNorm wraps one as norm_layer)."""
-    return getattr(norm, "norm_layer", norm)
-
-
 class Normalise(Pointwise):
-    """GroupNorm or SpatialNorm of map `source` with the statistics gathered over the whole map."""
+    """nn.GroupNorm `norm` of map `source` with the statistics gathered over the whole map, then, given a map zq,
+    modulate(normalised, zq nearest-upsampled to the tile)."""
 
-    def __init__(self, norm, source, zq=None):
-        self.norm, self.source = norm, source
-        self.spatial = hasattr(norm, "norm_layer")
-        self.zq = zq if self.spatial else None
-        if self.spatial and zq is None:
-            raise VQCoreError("a spatial-norm (MoVQ) decoder needs the quantized latents zq")
+    def __init__(self, norm, source, zq=None, modulate=None):
+        self.norm, self.source, self.zq, self.modulate = norm, source, zq, modulate
 
     def run(self, x, have, want, size, ctx):
         scale, shift = ctx.affine(self)
         y = torch.addcmul(shift, x, scale)
-        if self.spatial:
-            zq = ctx.read_nearest(self.zq, have, size)
-            y = y.mul_(self.norm.conv_y(zq)).add_(self.norm.conv_b(zq))
+        if self.zq is not None:
+            y = self.modulate(y, ctx.read_nearest(self.zq, have, size))
         return y
 
 
@@ -263,10 +252,8 @@ class GroupStats:
 
     def add(self, core):
         # fp16/bf16 tiles are reduced in float32; the merging is done on the CPU (MPS has no float64).
-        var, mean = torch.var_mean(core.float(), dim=(0, 2, 3), correction=0)
-        var, mean = (t.to("cpu", torch.float64).view(self.groups, -1) for t in (var, mean))
-        group_mean = mean.mean(dim=1)
-        group_var = var.mean(dim=1) + (mean - group_mean[:, None]).square().mean(dim=1)
+        var, mean = torch.var_mean(core.float(), dim=(2, 3), correction=0)
+        group_mean, group_var = (t[0] for t in group_statistics(mean.cpu(), var.cpu(), self.groups))
         n = core.numel() // self.groups
         total = self.count + n
         delta = group_mean - self.mean
@@ -279,7 +266,7 @@ class GroupStats:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Segments ("stages") and the programs for the encoder and decoder.
+# Segments ("stages") and the program the blocks build of them.
 
 
 def tile_grid(size, tile):
@@ -327,10 +314,12 @@ class Stage:
 
 
 class AttentionStage:
-    """Single-head self-attention with residual over the whole map (keys and values gathered first)."""
+    """Self-attention with residual over the whole map: keys_values(tokens) of every tile are gathered first, then
+    attend(tokens, keys, values) gives each tile's output; tokens are the tile's pixels after the norm."""
 
-    def __init__(self, attn, norm, source, output, size, level):
-        self.attn, self.norm, self.source, self.output, self.level = attn, norm, source, output, level
+    def __init__(self, norm, keys_values, attend, source, output, size, level):
+        self.norm, self.keys_values, self.attend = norm, keys_values, attend
+        self.source, self.output, self.level = source, output, level
         self.sizes = [size, size]
         self.side_outputs = []
         self.passes = 2
@@ -348,37 +337,41 @@ class AttentionStage:
         return x, self.norm.run(x, core, core, self.sizes[0], ctx).flatten(2).transpose(1, 2)
 
     def gather_keys_values(self, ctx, grid):
+        """keys and values (1, heads, H * W, C) in the map's pixel order."""
         keys = values = None
         for core in (core for row in grid for core in row):
             ctx.tick()
-            _, tokens = self.tokens(ctx, core)
-            k, v = self.attn.to_k(tokens), self.attn.to_v(tokens)
+            k, v = self.keys_values(self.tokens(ctx, core)[1])
             if keys is None:
                 h, w = self.sizes[0]
-                keys = k.new_empty(1, h, w, k.shape[-1])
-                values = v.new_empty(1, h, w, v.shape[-1])
-            shape = (1, core[1] - core[0], core[3] - core[2], -1)
-            keys[:, core[0]:core[1], core[2]:core[3]] = k.view(shape)
-            values[:, core[0]:core[1], core[2]:core[3]] = v.view(shape)
+                keys = k.new_empty(*k.shape[:2], h, w, k.shape[-1])
+                values = v.new_empty(*v.shape[:2], h, w, v.shape[-1])
+            shape = (*k.shape[:2], core[1] - core[0], core[3] - core[2], -1)
+            keys[:, :, core[0]:core[1], core[2]:core[3]] = k.view(shape)
+            values[:, :, core[0]:core[1], core[2]:core[3]] = v.view(shape)
             ctx.done_tile()
-        self.keys, self.values = keys.flatten(1, 2).unsqueeze(1), values.flatten(1, 2).unsqueeze(1)
+        self.keys, self.values = keys.flatten(2, 3), values.flatten(2, 3)
 
     def compute(self, ctx, core):
         x, tokens = self.tokens(ctx, core)
-        q = self.attn.to_q(tokens).unsqueeze(1)
-        out = self.attn.to_out[0](F.scaled_dot_product_attention(q, self.keys, self.values).squeeze(1))
-        return out.transpose(1, 2).reshape(x.shape).add_(x)
+        return self.attend(tokens, self.keys, self.values).transpose(1, 2).reshape(x.shape).add_(x)
 
     def release(self):
         self.keys = self.values = None
 
 
 class Program:
-    """Builds the list of stages while walking the model: every norm closes the open segment."""
+    """The stages of a pass, built by the blocks' tile_program methods (vqcore.autoencoder), which describe each
+    block's forward in the operations below; every norm closes the open segment.
 
-    def __init__(self, source, size, level):
+    Levels count halvings of the resolution from the finest map of the pass (the image, whether it is the input or
+    the output): tile_size is in pixels there."""
+
+    input = "input"  # the name of the pass's input map (a MoVQ decoder's zq)
+
+    def __init__(self, size, channels):
         self.stages, self.stats_groups = [], {}
-        self.source, self.size, self.level = source, size, level
+        self.source, self.size, self.channels, self.level = self.input, size, channels, 0
         self.ops, self.sizes, self.side_outputs = [], [size], []
         self.names = 0
 
@@ -386,14 +379,36 @@ class Program:
         self.names += 1
         return f"map{self.names}"
 
-    def add(self, op):
+    def add(self, op, level_change=0):
         self.ops.append(op)
         self.size = op.out_size(self.size)
         self.sizes.append(self.size)
-        if isinstance(op, Upsample2x):
-            self.level -= 1
-        elif isinstance(op, Downsample2x):
-            self.level += 1
+        self.level += level_change
+
+    def conv(self, conv):
+        """A stride-1 convolution: 1x1, or 3x3 with zero padding 1."""
+        if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0):
+            self.add(Pointwise(conv))
+        elif conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1):
+            self.add(Conv3x3(conv))
+        else:
+            raise VQCoreError(f"tiling supports 1x1 and 3x3 stride-1 pad-1 convolutions here; got {conv}")
+        self.channels = conv.out_channels
+
+    def pad_bottom_right_conv(self, conv):
+        """One zero row and column padded at the bottom and right, then conv, a 3x3 stride-2 convolution."""
+        if conv.kernel_size != (3, 3) or conv.stride != (2, 2) or conv.padding != (0, 0):
+            raise VQCoreError(f"tiling supports 3x3 stride-2 pad-0 downsampling convolutions; got {conv}")
+        self.add(PadConvStride2(conv), level_change=1)
+        self.channels = conv.out_channels
+
+    def upsample_nearest(self):
+        """Nearest-neighbour x2 upsampling."""
+        self.add(Upsample2x(), level_change=-1)
+
+    def pointwise(self, fn):
+        """Any per-pixel function that keeps the channel count (an activation may work in place)."""
+        self.add(Pointwise(fn))
 
     def close(self, groups):
         """End the open segment; its output gets statistics for a norm with `groups` groups. Returns its name."""
@@ -407,83 +422,38 @@ class Program:
             self.stats_groups[self.source] = groups
         return self.source
 
-    def normalise(self, norm, zq):
-        source = self.close(group_norm_of(norm).num_groups)
-        self.add(Normalise(norm, source, zq))
+    def normalise(self, norm, zq=None, modulate=None):
+        """nn.GroupNorm `norm` with the statistics of the whole map, then modulate(normalised, zq) when zq, the name
+        of a map, is given (zq nearest-upsampled to the map's size). Returns the name of the map normalised."""
+        source = self.close(norm.num_groups)
+        self.add(Normalise(norm, source, zq, modulate))
         return source
 
-    def resnet(self, block, zq):
-        residual = self.normalise(block.norm1, zq)
-        if block.conv_shortcut is not None:
-            # The shortcut, narrower than the block's input, is made in the first segment, so the input can be freed
-            # as that segment's tiles pass instead of being held to the end of the block.
-            self.side_outputs.append((self.new_name(), block.conv_shortcut))
-            residual = self.side_outputs[-1][0]
-        self.add(Pointwise(block.act))
-        self.add(Conv3x3(block.conv1))
-        self.normalise(block.norm2, zq)
-        self.add(Pointwise(block.act))
-        self.add(Conv3x3(block.conv2))
-        self.add(AddResidual(residual))
+    def shortcut(self, fn):
+        """A map made by the per-pixel fn from the open segment's input, at each tile core; returns its name."""
+        self.side_outputs.append((self.new_name(), fn))
+        return self.side_outputs[-1][0]
 
-    def attention(self, attn, zq):
-        norm = attn.spatial_norm if hasattr(attn, "spatial_norm") else attn.group_norm
-        source = self.close(group_norm_of(norm).num_groups)
+    def add_residual(self, name):
+        """+ map `name` at the same pixels."""
+        self.add(AddResidual(name))
+
+    def attention(self, norm, zq, keys_values, attend):
+        """Self-attention with residual over the whole map: tokens are the map normalised by `norm` (a norm block,
+        given zq), keys_values(tokens) and attend(tokens, keys, values) as AttentionStage takes them."""
+        source = norm.tile_program(self, zq)  # closes the open segment and opens one that holds only the norm
+        normalise, self.ops, self.sizes = self.ops[0], [], [self.size]
         output = self.new_name()
-        self.stages.append(AttentionStage(attn, Normalise(norm, source, zq), source, output, self.size, self.level))
+        self.stages.append(AttentionStage(normalise, keys_values, attend, source, output, self.size, self.level))
         self.source = output
 
-    def level_blocks(self, level, zq):
-        for i, resnet in enumerate(level.resnets):
-            self.resnet(resnet, zq)
-            if len(level.attentions):
-                self.attention(level.attentions[i], zq)
-
-    def mid_block(self, block, zq):
-        self.resnet(block.resnets[0], zq)
-        if len(block.attentions):
-            self.attention(block.attentions[0], zq)
-        self.resnet(block.resnets[1], zq)
-
     def finish(self):
-        return self.close(None)
-
-
-def decoder_program(model, latent_size, spatial):
-    """Stages from the (quantized) latents, map "input", to the image; zq is the "input" map for spatial norms."""
-    decoder, zq = model.decoder, "input" if spatial else None
-    program = Program("input", latent_size, level=len(decoder.up_blocks) - 1)
-    if model.post_quant_conv is not None:
-        program.add(Pointwise(model.post_quant_conv))
-    program.add(Conv3x3(decoder.conv_in))
-    program.mid_block(decoder.mid_block, zq)
-    for level in decoder.up_blocks:
-        program.level_blocks(level, zq)
-        for upsampler in getattr(level, "upsamplers", None) or []:
-            program.add(Upsample2x())
-            program.add(Conv3x3(upsampler.conv))
-    program.normalise(decoder.conv_norm_out, zq)
-    program.add(Pointwise(F.silu))
-    program.add(Conv3x3(decoder.conv_out))
-    return program
-
-
-def encoder_program(model, image_size):
-    """Stages from the image, map "input", to the latents (VQ) or moments (KL), quant_conv included."""
-    encoder = model.encoder
-    program = Program("input", image_size, level=0)
-    program.add(Conv3x3(encoder.conv_in))
-    for level in encoder.down_blocks:
-        program.level_blocks(level, None)
-        for downsampler in getattr(level, "downsamplers", None) or []:
-            program.add(Downsample2x(downsampler.conv))
-    program.mid_block(encoder.mid_block, None)
-    program.normalise(encoder.conv_norm_out, None)
-    program.add(Pointwise(F.silu))
-    program.add(Conv3x3(encoder.conv_out))
-    if model.quant_conv is not None:
-        program.add(Pointwise(model.quant_conv))
-    return program
+        """Closes the last segment and counts levels from the finest map; returns the program."""
+        self.close(None)
+        finest = min(stage.level for stage in self.stages)
+        for stage in self.stages:
+            stage.level -= finest
+        return self
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -529,7 +499,7 @@ class Runner:
 
     def global_affine(self, op):
         """Computed in float64 on the CPU, once per stage."""
-        norm = group_norm_of(op.norm)
+        norm = op.norm
         mean, var = self.stats[op.source]
         channels = norm.num_channels
         per_channel = channels // norm.num_groups
@@ -620,11 +590,11 @@ def check_tile_size(model, tile_size):
         )
 
 
-def run_per_image(program, inputs, tile_size, model, progress, should_cancel, offload_device, out_channels):
+def run_per_image(program, inputs, tile_size, model, progress, should_cancel, offload_device):
     """Runs the program on each batch item in turn; returns the outputs concatenated on the offload device (for an
     empty batch an empty one of the output's shape, as the full encode and decode give)."""
     if not len(inputs):
-        return torch.empty(0, out_channels, *program.size, dtype=model.dtype, device=offload_device)
+        return torch.empty(0, program.channels, *program.size, dtype=model.dtype, device=offload_device)
     counter = [0, count_tiles(program, tile_size) * inputs.shape[0]]
     outputs = []
     with torch.no_grad():
@@ -662,11 +632,9 @@ def tiled_decode(model, latents, tile_size=512, progress=None, should_cancel=Non
             check_input(latents, model.latent_channels, 1, "tiled_decode latents")
             check_floating(latents, "tiled_decode latents")
             quant = quantize_latents(model, latents, offload_device) if is_vq and not force_not_quantize else latents
-    spatial = is_vq and model.config.get("norm_type") == "spatial"
-    program = decoder_program(model, tuple(quant.shape[-2:]), spatial)
-    program.finish()
-    images = run_per_image(program, quant, tile_size, model, progress, should_cancel, offload_device,
-                           model.config["out_channels"])
+    program = Program(tuple(quant.shape[-2:]), quant.shape[1])
+    model.decode_tile_program(program)
+    images = run_per_image(program.finish(), quant, tile_size, model, progress, should_cancel, offload_device)
     return check_result(images, "tiled_decode", "latents", quant, model.decoder_modules())
 
 
@@ -679,10 +647,8 @@ def tiled_encode(model, images, tile_size=512, progress=None, should_cancel=None
     check_tile_size(model, tile_size)
     check_input(images, model.config["in_channels"], model.downscale_factor, "tiled_encode images")
     check_floating(images, "tiled_encode images")
-    program = encoder_program(model, tuple(images.shape[-2:]))
-    program.finish()
-    last_conv = model.quant_conv if model.quant_conv is not None else model.encoder.conv_out
-    output = run_per_image(program, images, tile_size, model, progress, should_cancel, offload_device,
-                           last_conv.out_channels)
+    program = Program(tuple(images.shape[-2:]), images.shape[1])
+    model.encode_tile_program(program)
+    output = run_per_image(program.finish(), images, tile_size, model, progress, should_cancel, offload_device)
     output = check_result(output.to(model.device), "tiled_encode", "images", images, model.encoder_modules())
     return DiagonalGaussian(output) if not hasattr(model, "quantize") else output

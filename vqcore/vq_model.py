@@ -154,6 +154,17 @@ class VQModel(nn.Module):
         """The modules a decode runs, by checkpoint name: where a NaN/inf weight is looked for."""
         return {"quantize": self.quantize, "post_quant_conv": self.post_quant_conv, "decoder": self.decoder}
 
+    def encode_tile_program(self, program):
+        """encode, for vqcore.tiling."""
+        self.encoder.tile_program(program)
+        program.conv(self.quant_conv)
+
+    def decode_tile_program(self, program):
+        """decode_embeddings, for vqcore.tiling: from the codebook vectors, map program.input, which a spatial-norm
+        decoder also takes as zq."""
+        program.conv(self.post_quant_conv)
+        self.decoder.tile_program(program, program.input if self.config["norm_type"] == "spatial" else None)
+
     def indices_to_embeddings(self, indices):
         """Codebook indices (B, h, w) -> codebook vectors (B, E, h, w)."""
         if not isinstance(indices, torch.Tensor) or indices.ndim != 3 or indices.is_floating_point():
