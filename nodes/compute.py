@@ -24,7 +24,8 @@ DEFAULT_FALLBACK_TILE = 512  # pixels; the tile size used when a full decode ran
 BYTES_PER_ACTIVATION = 6  # live copies of the widest feature map at once: input, norm, conv output, residual, slack
 PREVIEWS_PER_RUN = 8  # a JPEG preview of the sampler's current estimate about this many times per run
 # The sampler node's inputs behind sample()'s arguments, whose checks are the only ones (the rest is the model's).
-SAMPLER_INPUTS = {"init_tokens": "tokens", "steps": "steps", "mode": "sampling_mode", "mask": "mask"}
+SAMPLER_INPUTS = {"init_tokens": "tokens", "steps": "steps", "strength": "denoise", "mode": "sampling_mode",
+                  "mask": "mask"}
 
 
 # ---- memory estimates ----------------------------------------------------------------------------------------------

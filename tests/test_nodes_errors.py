@@ -67,6 +67,18 @@ def test_tokens_from_another_codebook(nodes, error):
           tokens=tokens)
 
 
+def test_sampler_errors_name_the_node_input_behind_the_sampling_argument(nodes, error):
+    """sample() checks the token grid, steps and mode once; the node's error names its own input."""
+    model, clip, vq_vae = nodes["VQCoreLoadVQDiffusion"].load("vq-diffusion-demo")
+    (positive,) = nodes["VQCoreCLIPTextEncode"].encode(clip, "x")
+    sample = nodes["VQCoreVQDiffusionSampler"].sample
+    assert "16x16 token grid" in error("tokens", sample, model, positive, 0, 4, 5.0, "fast", 1, 1.0,
+                                       tokens=tokens_of(nodes, vq_vae, size=64))
+    assert "[1, 100]" in error("steps", sample, model, positive, 0, 101, 5.0, "fast", 1, 1.0)
+    assert "mode 'last_steps'" in error("denoise", sample, model, positive, 0, 4, 5.0, "last_steps", 1, 0.5,
+                                         tokens=tokens_of(nodes, vq_vae, size=128))
+
+
 def test_mask_of_the_wrong_size(nodes, error):
     model, clip, vq_vae = nodes["VQCoreLoadVQDiffusion"].load("vq-diffusion-demo")
     (positive,) = nodes["VQCoreCLIPTextEncode"].encode(clip, "x")

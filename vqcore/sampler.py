@@ -114,8 +114,8 @@ def check_options(mode, prior_rule, prior_weight, guidance_scale, strength, num_
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
         raise VQCoreError(f"strength must be a number in (0, 1]; got {strength!r}")
     if mode == "last_steps" and strength != 1:
-        raise VQCoreError(f"mode 'last_steps' starts at timestep steps - 1, so steps alone sets how much of init_tokens "
-                          f"is noised again; strength must be 1, got {strength!r}")
+        raise VQCoreError(f"strength must be 1 in mode 'last_steps', which starts at timestep steps - 1, so steps alone "
+                          f"sets how much of init_tokens is noised again; got {strength!r}")
     if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
         raise VQCoreError(f"num_images_per_prompt must be a positive integer; got {num_images_per_prompt!r}")
 
