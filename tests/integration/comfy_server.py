@@ -113,7 +113,9 @@ class ComfyServer:
         env["PYTHONUNBUFFERED"] = "1"
         command = [comfyui_python(), "main.py", "--cpu", "--listen", HOST, "--port", str(self.port),
                    "--disable-auto-launch", "--base-directory", str(self.base_dir),
-                   "--database-url", "sqlite:///:memory:", "--log-stdout"]
+                   "--database-url", "sqlite:///:memory:", "--log-stdout",
+                   # previews on, as most users run: the browser test checks our panels stay clear of them
+                   "--preview-method", "auto"]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, cwd=self.comfy_dir, env=env, stdout=log,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -188,6 +190,15 @@ class ComfyServer:
 
     def run_prompt(self, prompt: dict, timeout: float = 300, workflow: dict | None = None) -> dict:
         return self.wait_for_history(self.queue_prompt(prompt, workflow), timeout)
+
+    def clear_cache(self):
+        """Empties the host's output cache, so that the next prompt runs every node. POST /free only sets a flag
+        that the worker reads after its current prompt or when it wakes idle; it always reads it before taking
+        the next prompt, so once one more prompt has finished the flag has been acted on."""
+        self.post("/free", {"free_memory": True})
+        self.run_prompt({"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1,
+                                                                      "color": 0}},
+                         "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}, timeout=60)
 
     def websocket(self, timeout=REQUEST_TIMEOUT):
         """Socket receiving this client's execution events (JSON frames decoded; binary previews skipped)."""
