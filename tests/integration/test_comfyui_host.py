@@ -105,6 +105,15 @@ def test_example_workflows_are_listed_as_templates(comfy):
     assert sorted(listed) == names
 
 
+@pytest.mark.parametrize("path", ui_workflows(), ids=lambda p: p.stem)
+def test_template_thumbnail_is_served(comfy, path):
+    """The template browser shows <name>.jpg beside each template (tools/make_thumbnails.py writes them)."""
+    url = f"{comfy.url}/api/workflow_templates/{PACK_FOLDER}/{urllib.parse.quote(path.stem)}.jpg"
+    with OPENER.open(url, timeout=30) as response:
+        image = Image.open(io.BytesIO(response.read()))
+    assert image.format == "JPEG" and min(image.size) > 0, path.name
+
+
 def test_every_ui_workflow_has_an_api_twin():
     api_names = {p.name.removesuffix(".api.json").removesuffix(".json") for p in api_workflows()}
     assert {p.stem for p in ui_workflows()} <= api_names
