@@ -84,6 +84,7 @@ def page(request, browser, comfy, tmp_path_factory):
             shutil.copytree(page.screenshots, os.path.join(os.environ["VQCORE_SCREENSHOTS"], renderer),
                             dirs_exist_ok=True)
         page.close()
+        comfy.post("/settings/Comfy.VueNodes.Enabled", False)
 
 
 def our_errors(messages):
@@ -107,7 +108,7 @@ def load_template(page, name):
     }""", [template_url(name), name])
 
 
-# Screen rectangles {x, y, w, h} of a node, its panel and its preview images, in either renderer: Nodes 2.0 nodes
+# Screen rectangles {x, y, w, h} of a node, its panel's drawing and its preview images, in either renderer: Nodes 2.0 nodes
 # are DOM elements ([data-node-id]) with their previews as <img>; classic nodes are drawn on the canvas, where the
 # preview is the node's image-preview widget (from its y to the widget's height, or to the node's bottom where
 # the front end does not compute widget heights) and the panel is a DOM element placed over the canvas.
@@ -132,12 +133,11 @@ REGIONS_JS = """([id, panelWidget]) => {
             .map(w => onScreen(node.pos[0], node.pos[1] + w.y, node.size[0], w.computedHeight ?? node.size[1] - w.y))
             : [];
     }
-    let topmost = null;
-    if (panel) {
-        const r = panel.getBoundingClientRect();
-        topmost = panel.contains(document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2));
-    }
-    return {node: nodeBox, panel: panel && rect(panel.getBoundingClientRect()), previews, topmost,
+    // what the user sees of the panel is its drawing, which could overflow the widget's box
+    const drawing = panel?.querySelector("svg")?.getBoundingClientRect();
+    const topmost = drawing ? panel.contains(document.elementFromPoint(drawing.left + drawing.width / 2,
+                                                                       drawing.top + drawing.height / 2)) : null;
+    return {node: nodeBox, panel: drawing ? rect(drawing) : null, previews, topmost,
             text: panel ? [...panel.querySelectorAll("text")].map(t => t.textContent) : []};
 }"""
 
@@ -212,7 +212,7 @@ def test_a_run_from_the_front_end_shows_every_panel_clear_of_the_preview(page, c
             regions = page.evaluate(REGIONS_JS, [node_id, PANEL_WIDGET])
             panel, node = regions["panel"], regions["node"]
             where = f"{page.renderer}, {name}, node {node_id}: {regions}"
-            assert panel["w"] > 0 and panel["h"] > 0, where
+            assert panel and panel["w"] > 0 and panel["h"] > 0, where
             assert inside(panel, node), where
             assert regions["topmost"], f"something covers the panel ({where})"
             text = " ".join(regions["text"])
