@@ -30,7 +30,7 @@ PANEL_WIDGET = "vqcore_panel"
 # What each payload key puts in its panel's text (web/vqcore_panels.js).
 PANEL_TEXT = {"vqcore_tokens": "codes used", "vqcore_tiles": "px tiles", "vqcore_sampler": "steps/s"}
 # Between them these runs send every payload key; the test checks that they do.
-RUN_WORKFLOWS = ("vq_encode_decode_roundtrip", "vq_diffusion_text_to_image")
+RUN_WORKFLOWS = ("vq_encode_decode_roundtrip", "vq_diffusion_token_inpainting")
 
 
 def host_version() -> tuple:
@@ -184,14 +184,19 @@ def run_template(page, comfy, name):
     outputs = [str(n["id"]) for n in nodes if comfy.get(f"/object_info/{n['type']}")[n["type"]]["output_node"]]
     load_template(page, name)
     page.evaluate(f"""async () => {{
+        const api = window.comfyAPI.api.api;
         window.vqcoreExecuted = {{}};
-        window.comfyAPI.api.api.addEventListener("executed", e => {{
+        window.vqcoreError = null;
+        api.addEventListener("executed", e => {{
             window.vqcoreExecuted[String(e.detail.node)] = Object.keys(e.detail.output ?? {{}});
         }});
+        api.addEventListener("execution_error", e => {{ window.vqcoreError = e.detail; }});
         await {APP}.queuePrompt(0, 1);
     }}""")
-    page.wait_for_function("(ids) => ids.every(id => id in window.vqcoreExecuted)", arg=outputs,
-                           timeout=RUN_TIMEOUT_MS)
+    page.wait_for_function("(ids) => window.vqcoreError || ids.every(id => id in window.vqcoreExecuted)",
+                           arg=outputs, timeout=RUN_TIMEOUT_MS)
+    error = page.evaluate("() => window.vqcoreError")
+    assert error is None, f"{name} failed in node {error['node_id']} ({error['node_type']}): {error['exception_message']}"
     return page.evaluate("() => window.vqcoreExecuted")
 
 
