@@ -1,4 +1,9 @@
-"""The LDM-style convolutional autoencoder shared by VQModel and AutoencoderKL.
+"""The LDM-style convolutional autoencoder shared by VQModel and AutoencoderKL: its blocks, the Encoder and Decoder,
+and the Autoencoder base class (config, device, dtype, the parts both models have).
+
+Every block says beside its forward how vqcore.tiling cuts it (`tile_program(program, zq)`, in the operations of
+tiling.Program); Level and MidBlock are Chains, whose forward and tile_program walk the same parts. A block arranged
+differently, or a new block with both methods, tiles without a change to tiling.py.
 
 Module and parameter names equal diffusers' (encoder.down_blocks.0.resnets.0.norm1.weight, ...attentions.0.to_q.weight,
 ...spatial_norm.conv_y.weight), so a diffusers state dict loads with strict=True.
@@ -16,13 +21,12 @@ Two ways to compute, chosen per model with `use_fast_path`:
 Where it changes neither values nor layouts, work is done in place (activations, SpatialNorm's scale and shift).
 """
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import VQCoreError
+from .model_config import Configured
 
 DOWN_BLOCK_TYPES = {"DownEncoderBlock2D": False, "AttnDownEncoderBlock2D": True}  # type -> has attention
 UP_BLOCK_TYPES = {"UpDecoderBlock2D": False, "AttnUpDecoderBlock2D": True}
@@ -130,7 +134,7 @@ class ResnetBlock(nn.Module):
 
     fast = False  # see use_fast_path
 
-    def __init__(self, in_channels, out_channels, groups, act_fn, zq_channels=None):
+    def __init__(self, *, in_channels, out_channels, groups, act_fn, zq_channels=None):
         super().__init__()
         self.act = ACTIVATIONS[act_fn]
         self.norm1 = make_norm(in_channels, groups, zq_channels)
@@ -284,10 +288,12 @@ class Level(Chain):
     """One resolution level: resnets (each followed by attention in the Attn block types), then an optional resampler
     stored as `downsamplers.0` or `upsamplers.0`."""
 
-    def __init__(self, in_channels, out_channels, num_layers, groups, act_fn, attention, resampler=None, zq_channels=None):
+    def __init__(self, *, in_channels, out_channels, num_layers, groups, act_fn, attention, resampler=None,
+                 zq_channels=None):
         super().__init__()
         self.resnets = nn.ModuleList(
-            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, act_fn, zq_channels)
+            ResnetBlock(in_channels=in_channels if i == 0 else out_channels, out_channels=out_channels, groups=groups,
+                        act_fn=act_fn, zq_channels=zq_channels)
             for i in range(num_layers)
         )
         self.attentions = nn.ModuleList(
@@ -309,9 +315,12 @@ class Level(Chain):
 class MidBlock(Chain):
     """resnet -> attention (optional) -> resnet at the lowest resolution."""
 
-    def __init__(self, channels, groups, act_fn, add_attention, zq_channels=None):
+    def __init__(self, *, channels, groups, act_fn, add_attention, zq_channels=None):
         super().__init__()
-        self.resnets = nn.ModuleList(ResnetBlock(channels, channels, groups, act_fn, zq_channels) for _ in range(2))
+        self.resnets = nn.ModuleList(
+            ResnetBlock(in_channels=channels, out_channels=channels, groups=groups, act_fn=act_fn, zq_channels=zq_channels)
+            for _ in range(2)
+        )
         self.attentions = nn.ModuleList([Attention(channels, groups, zq_channels)] if add_attention else [])
 
     def parts(self):
@@ -329,7 +338,7 @@ def block_attention(block_types, known, field):
 class Encoder(nn.Module):
     fast = False  # channels-last feature maps; see use_fast_path
 
-    def __init__(self, in_channels, out_channels, down_block_types, block_out_channels, layers_per_block,
+    def __init__(self, *, in_channels, out_channels, down_block_types, block_out_channels, layers_per_block,
                  norm_num_groups, act_fn, mid_block_add_attention):
         super().__init__()
         attention = block_attention(down_block_types, DOWN_BLOCK_TYPES, "down_block_types")
@@ -337,11 +346,13 @@ class Encoder(nn.Module):
         levels, channels = [], block_out_channels[0]
         for i, out in enumerate(block_out_channels):
             last = i == len(block_out_channels) - 1
-            levels.append(Level(channels, out, layers_per_block, norm_num_groups, act_fn, attention[i],
-                                None if last else Downsample(out)))
+            levels.append(Level(in_channels=channels, out_channels=out, num_layers=layers_per_block,
+                                groups=norm_num_groups, act_fn=act_fn, attention=attention[i],
+                                resampler=None if last else Downsample(out)))
             channels = out
         self.down_blocks = nn.ModuleList(levels)
-        self.mid_block = MidBlock(channels, norm_num_groups, act_fn, mid_block_add_attention)
+        self.mid_block = MidBlock(channels=channels, groups=norm_num_groups, act_fn=act_fn,
+                                  add_attention=mid_block_add_attention)
         self.conv_norm_out = GroupNorm(norm_num_groups, channels, eps=1e-6)
         self.conv_out = nn.Conv2d(channels, out_channels, 3, padding=1)
 
@@ -369,19 +380,21 @@ class Decoder(nn.Module):
 
     fast = False  # channels-last feature maps; see use_fast_path
 
-    def __init__(self, in_channels, out_channels, up_block_types, block_out_channels, layers_per_block,
+    def __init__(self, *, in_channels, out_channels, up_block_types, block_out_channels, layers_per_block,
                  norm_num_groups, act_fn, mid_block_add_attention, zq_channels=None):
         super().__init__()
         attention = block_attention(up_block_types, UP_BLOCK_TYPES, "up_block_types")
         reversed_channels = list(reversed(block_out_channels))
         channels = reversed_channels[0]
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
-        self.mid_block = MidBlock(channels, norm_num_groups, act_fn, mid_block_add_attention, zq_channels)
+        self.mid_block = MidBlock(channels=channels, groups=norm_num_groups, act_fn=act_fn,
+                                  add_attention=mid_block_add_attention, zq_channels=zq_channels)
         levels = []
         for i, out in enumerate(reversed_channels):
             last = i == len(reversed_channels) - 1
-            levels.append(Level(channels, out, layers_per_block + 1, norm_num_groups, act_fn, attention[i],
-                                None if last else Upsample(out), zq_channels))
+            levels.append(Level(in_channels=channels, out_channels=out, num_layers=layers_per_block + 1,
+                                groups=norm_num_groups, act_fn=act_fn, attention=attention[i],
+                                resampler=None if last else Upsample(out), zq_channels=zq_channels))
             channels = out
         self.up_blocks = nn.ModuleList(levels)
         self.conv_norm_out = make_norm(channels, norm_num_groups, zq_channels)
@@ -424,6 +437,52 @@ def use_fast_path(model, enabled=True):
     return model
 
 
+class Autoencoder(Configured, nn.Module):
+    """What VQModel and AutoencoderKL share: an Encoder and a Decoder built from the config, a 1x1 quant_conv after
+    the encoder and post_quant_conv before the decoder (None where the config drops them)."""
+
+    def make_encoder(self, out_channels, spatial=False):
+        """The Encoder of self.config, whose architecture is checked here (spatial: the decoder will have spatial
+        norms)."""
+        c = self.config
+        check_architecture(c["block_out_channels"], c["down_block_types"], c["up_block_types"], c["norm_num_groups"],
+                           c["act_fn"], spatial)
+        return Encoder(in_channels=c["in_channels"], out_channels=out_channels, down_block_types=c["down_block_types"],
+                       **self.coder_fields())
+
+    def make_decoder(self, zq_channels=None):
+        """The Decoder of self.config, conditioned on zq when zq_channels is set."""
+        c = self.config
+        return Decoder(in_channels=c["latent_channels"], out_channels=c["out_channels"],
+                       up_block_types=c["up_block_types"], zq_channels=zq_channels, **self.coder_fields())
+
+    def coder_fields(self):
+        names = ("block_out_channels", "layers_per_block", "norm_num_groups", "act_fn", "mid_block_add_attention")
+        return {name: self.config[name] for name in names}
+
+    @property
+    def downscale_factor(self):
+        return 2 ** (len(self.config["block_out_channels"]) - 1)
+
+    @property
+    def dtype(self):
+        return self.decoder.conv_in.weight.dtype
+
+    @property
+    def device(self):
+        return self.decoder.conv_in.weight.device
+
+    def encoder_modules(self):
+        """The modules an encode runs, by checkpoint name: where a NaN/inf weight is looked for."""
+        return {"encoder": self.encoder, "quant_conv": self.quant_conv}
+
+    def encode_tile_program(self, program):
+        """The encoder and quant_conv, for vqcore.tiling."""
+        self.encoder.tile_program(program)
+        if self.quant_conv is not None:
+            program.conv(self.quant_conv)
+
+
 def check_architecture(block_out_channels, down_block_types, up_block_types, norm_num_groups, act_fn, spatial):
     """Config errors diffusers would only report as an obscure shape error (or not at all)."""
     levels = len(block_out_channels)
@@ -440,19 +499,6 @@ def check_architecture(block_out_channels, down_block_types, up_block_types, nor
         )
     if act_fn not in ACTIVATIONS:
         raise VQCoreError(f"act_fn {act_fn!r} is not supported; supported: {sorted(ACTIVATIONS)}")
-
-
-def resolved_config(cls, arguments):
-    """The constructor arguments as a plain dict (tuples as lists, like diffusers' config.json)."""
-    names = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
-    return {name: list(arguments[name]) if isinstance(arguments[name], tuple) else arguments[name] for name in names}
-
-
-def config_kwargs(cls, config):
-    """The fields of a diffusers config dict that cls's constructor takes; "_"-keys and other keys are ignored
-    (a key that changes the architecture shows up as missing or unexpected weights when loading)."""
-    names = inspect.signature(cls.__init__).parameters
-    return {key: value for key, value in config.items() if key in names and key != "self" and not key.startswith("_")}
 
 
 def check_input(x, channels, factor, what):

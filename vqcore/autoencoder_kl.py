@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from .autoencoder import Decoder, Encoder, check_architecture, check_input, config_kwargs, resolved_config
+from .autoencoder import Autoencoder, check_input
 from .model_io import as_model_input, check_result
 
 
@@ -41,7 +41,7 @@ def standard_normal(shape, generator, device, dtype):
     return noise.to(device)
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(Autoencoder):
     """encode -> DiagonalGaussian over latents (B, latent_channels, H/f, W/f); decode -> image.
 
     scaling_factor, shift_factor and latents_mean/std are kept in the config and applied only by scale_latents /
@@ -70,34 +70,15 @@ class AutoencoderKL(nn.Module):
         mid_block_add_attention=True,
     ):
         super().__init__()
-        self.config = resolved_config(AutoencoderKL, locals())
-        check_architecture(block_out_channels, down_block_types, up_block_types, norm_num_groups, act_fn, False)
-        self.encoder = Encoder(in_channels, 2 * latent_channels, down_block_types, block_out_channels,
-                               layers_per_block, norm_num_groups, act_fn, mid_block_add_attention)
-        self.decoder = Decoder(latent_channels, out_channels, up_block_types, block_out_channels, layers_per_block,
-                               norm_num_groups, act_fn, mid_block_add_attention)
+        self.keep_config(locals())
+        self.encoder = self.make_encoder(2 * latent_channels)
+        self.decoder = self.make_decoder()
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config_kwargs(cls, config))
-
-    @property
-    def downscale_factor(self):
-        return 2 ** (len(self.config["block_out_channels"]) - 1)
 
     @property
     def latent_channels(self):
         return self.config["latent_channels"]
-
-    @property
-    def dtype(self):
-        return self.decoder.conv_in.weight.dtype
-
-    @property
-    def device(self):
-        return self.decoder.conv_in.weight.device
 
     def encode(self, x):
         """Images (B, in_channels, H, W) in [-1, 1] -> DiagonalGaussian over the (unscaled) latents."""
@@ -107,10 +88,6 @@ class AutoencoderKL(nn.Module):
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
         return DiagonalGaussian(check_result(moments, "AutoencoderKL.encode", "images", x, self.encoder_modules()))
-
-    def encoder_modules(self):
-        """The modules an encode runs, by checkpoint name: where a NaN/inf weight is looked for."""
-        return {"encoder": self.encoder, "quant_conv": self.quant_conv}
 
     def decode(self, z):
         """Unscaled latents (B, latent_channels, h, w) -> images."""
@@ -122,12 +99,6 @@ class AutoencoderKL(nn.Module):
     def decoder_modules(self):
         """The modules a decode runs, by checkpoint name: where a NaN/inf weight is looked for."""
         return {"post_quant_conv": self.post_quant_conv, "decoder": self.decoder}
-
-    def encode_tile_program(self, program):
-        """encode up to the moments, for vqcore.tiling."""
-        self.encoder.tile_program(program)
-        if self.quant_conv is not None:
-            program.conv(self.quant_conv)
 
     def decode_tile_program(self, program):
         """decode, for vqcore.tiling: from the unscaled latents, map program.input."""

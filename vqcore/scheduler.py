@@ -17,15 +17,16 @@ import numpy as np
 import torch
 
 from .errors import VQCoreError
+from .model_config import Configured
 
 # log(1e-30) in float32: the log of a one-hot's zero entries in diffusers' index_to_log_onehot.
 LOG_ZERO = float(torch.tensor(1e-30).log())
 
 
-class VQDiffusionScheduler:
+class VQDiffusionScheduler(Configured):
     def __init__(self, num_vec_classes, num_train_timesteps=100, alpha_cum_start=0.99999, alpha_cum_end=0.000009,
                  gamma_cum_start=0.000009, gamma_cum_end=0.99999):
-        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.keep_config(locals())
         if num_vec_classes < 2 or num_train_timesteps < 2:
             raise VQCoreError(f"scheduler needs >= 2 classes and >= 2 timesteps; got {num_vec_classes}, {num_train_timesteps}")
         self.num_embed = num_vec_classes
@@ -40,11 +41,6 @@ class VQDiffusionScheduler:
         btt = (1 - att - ctt) / (num_vec_classes - 1)
         self.log_at, self.log_bt, self.log_ct = (_log32(v) for v in (at, bt, ct))
         self.log_cumprod_at, self.log_cumprod_bt, self.log_cumprod_ct = (_log32(v) for v in (att, btt, ctt))
-
-    @classmethod
-    def from_config(cls, config):
-        names = cls.__init__.__code__.co_varnames[1 : cls.__init__.__code__.co_argcount]
-        return cls(**{k: v for k, v in config.items() if k in names})
 
     def _transition(self, s, t):
         """a, b, c of q(x_t | x_s) (float64 arrays; s = t - 1 gives diffusers' single-step tables, s = -1 means x_0)."""

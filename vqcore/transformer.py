@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import VQCoreError
+from .model_config import Configured
 
 ACTIVATIONS = ("geglu-approximate", "geglu", "gelu", "gelu-approximate")
 # Tokens per slice of the output projection and float64 log-softmax: bounds the logits and their float64 copy to
@@ -128,7 +129,8 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """diffusers' BasicTransformerBlock with ada_norm: self-attention, cross-attention to the text, feed-forward."""
 
-    def __init__(self, dim, heads, head_dim, context_dim, num_timesteps, activation_fn, bias, dropout, norm_eps, affine):
+    def __init__(self, *, dim, heads, head_dim, context_dim, num_timesteps, activation_fn, bias, dropout, norm_eps,
+                 affine):
         super().__init__()
         self.norm1 = AdaLayerNorm(dim, num_timesteps)
         self.attn1 = Attention(dim, heads, head_dim, bias=bias, dropout=dropout)
@@ -152,7 +154,7 @@ class TransformerBlock(nn.Module):
         return self.ff(self.norm3(x)).add_(x)
 
 
-class VQDiffusionTransformer(nn.Module):
+class VQDiffusionTransformer(Configured, nn.Module):
     """Takes config fields of diffusers' Transformer2DModel (discrete input); unknown fields are ignored."""
 
     def __init__(
@@ -174,7 +176,7 @@ class VQDiffusionTransformer(nn.Module):
         double_self_attention=False,
     ):
         super().__init__()
-        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.keep_config(locals())
         if not num_vector_embeds or not sample_size or not num_embeds_ada_norm or num_layers < 1:
             raise VQCoreError(
                 "VQ-Diffusion transformer config needs num_vector_embeds, sample_size, num_embeds_ada_norm and at least "
@@ -194,17 +196,14 @@ class VQDiffusionTransformer(nn.Module):
         self.height, self.width = size
         self.latent_image_embedding = ImagePositionalEmbeddings(num_vector_embeds, self.height, self.width, dim)
         self.transformer_blocks = nn.ModuleList(
-            TransformerBlock(dim, num_attention_heads, attention_head_dim, cross_attention_dim, num_embeds_ada_norm,
-                             activation_fn, attention_bias, dropout, norm_eps, norm_elementwise_affine)
+            TransformerBlock(dim=dim, heads=num_attention_heads, head_dim=attention_head_dim,
+                             context_dim=cross_attention_dim, num_timesteps=num_embeds_ada_norm,
+                             activation_fn=activation_fn, bias=attention_bias, dropout=dropout, norm_eps=norm_eps,
+                             affine=norm_elementwise_affine)
             for _ in range(num_layers)
         )
         self.norm_out = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, num_vector_embeds - 1)
-
-    @classmethod
-    def from_config(cls, config):
-        names = cls.__init__.__code__.co_varnames[1 : cls.__init__.__code__.co_argcount]
-        return cls(**{k: v for k, v in config.items() if k in names and not k.startswith("_")})
 
     @property
     def num_vector_embeds(self):

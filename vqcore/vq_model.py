@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from .autoencoder import Decoder, Encoder, check_architecture, check_input, config_kwargs, resolved_config
+from .autoencoder import Autoencoder, check_input
 from .errors import NonFiniteResult, VQCoreError
 from .model_io import as_model_input, check_result
 
@@ -48,7 +48,7 @@ class VectorQuantizer(nn.Module):
         return self.embedding(indices.long()).view(shape).permute(0, 3, 1, 2).contiguous()
 
 
-class VQModel(nn.Module):
+class VQModel(Autoencoder):
     """encode -> continuous latents (B, E, h, w); quantize -> codebook vectors and indices; decode -> image.
 
     E, the codebook dimension, is `vq_embed_dim` when set, else `latent_channels`. Images are NCHW in [-1, 1].
@@ -75,33 +75,21 @@ class VQModel(nn.Module):
         force_upcast=False,
     ):
         super().__init__()
-        self.config = resolved_config(VQModel, locals())
+        self.keep_config(locals())
         if norm_type not in ("group", "spatial"):
             raise VQCoreError(f"norm_type must be 'group' or 'spatial'; got {norm_type!r}")
         spatial = norm_type == "spatial"
-        check_architecture(block_out_channels, down_block_types, up_block_types, norm_num_groups, act_fn, spatial)
+        self.encoder = self.make_encoder(latent_channels, spatial)
         embed_dim = vq_embed_dim or latent_channels
         if spatial and embed_dim != latent_channels:
             raise VQCoreError(
                 f"norm_type='spatial' conditions the decoder on the codebook vectors, so vq_embed_dim ({vq_embed_dim}) "
                 f"must equal latent_channels ({latent_channels})"
             )
-        self.encoder = Encoder(in_channels, latent_channels, down_block_types, block_out_channels, layers_per_block,
-                               norm_num_groups, act_fn, mid_block_add_attention)
         self.quant_conv = nn.Conv2d(latent_channels, embed_dim, 1)
         self.quantize = VectorQuantizer(num_vq_embeddings, embed_dim)
         self.post_quant_conv = nn.Conv2d(embed_dim, latent_channels, 1)
-        self.decoder = Decoder(latent_channels, out_channels, up_block_types, block_out_channels, layers_per_block,
-                               norm_num_groups, act_fn, mid_block_add_attention,
-                               zq_channels=latent_channels if spatial else None)
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config_kwargs(cls, config))
-
-    @property
-    def downscale_factor(self):
-        return 2 ** (len(self.config["block_out_channels"]) - 1)
+        self.decoder = self.make_decoder(zq_channels=latent_channels if spatial else None)
 
     @property
     def num_embeddings(self):
@@ -112,24 +100,12 @@ class VQModel(nn.Module):
         """Channels of the latents encode() returns and decode() takes: the codebook dimension E."""
         return self.quantize.embed_dim
 
-    @property
-    def dtype(self):
-        return self.quant_conv.weight.dtype
-
-    @property
-    def device(self):
-        return self.quant_conv.weight.device
-
     def encode(self, x):
         """Images (B, in_channels, H, W) in [-1, 1] -> continuous (not quantized) latents (B, E, H/f, W/f)."""
         check_input(x, self.config["in_channels"], self.downscale_factor, "VQModel.encode images")
         x = as_model_input(x, self, "VQModel.encode images")
         latents = self.quant_conv(self.encoder(x))
         return check_result(latents, "VQModel.encode", "images", x, self.encoder_modules())
-
-    def encoder_modules(self):
-        """The modules an encode runs, by checkpoint name: where a NaN/inf weight is looked for."""
-        return {"encoder": self.encoder, "quant_conv": self.quant_conv}
 
     def decode(self, latents, force_not_quantize=False):
         """Latents -> images. Latents are quantized first unless force_not_quantize, in which case they are used as
@@ -153,11 +129,6 @@ class VQModel(nn.Module):
     def decoder_modules(self):
         """The modules a decode runs, by checkpoint name: where a NaN/inf weight is looked for."""
         return {"quantize": self.quantize, "post_quant_conv": self.post_quant_conv, "decoder": self.decoder}
-
-    def encode_tile_program(self, program):
-        """encode, for vqcore.tiling."""
-        self.encoder.tile_program(program)
-        program.conv(self.quant_conv)
 
     def decode_tile_program(self, program):
         """decode_embeddings, for vqcore.tiling: from the codebook vectors, map program.input, which a spatial-norm

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from flax import traverse_util
 
-from ..autoencoder import config_kwargs
 from ..autoencoder_kl import AutoencoderKL
 from ..errors import CheckpointError, VQCoreError
 from ..loading import check_keys, read_autoencoder
@@ -59,7 +58,7 @@ def resolve_dtype(dtype):
 def model_fields(config):
     """The FlaxAutoencoderKL fields of a diffusers AutoencoderKL config: the torch model's, lists as tuples."""
     return {key: tuple(value) if isinstance(value, list) else value
-            for key, value in config_kwargs(AutoencoderKL, config).items()}
+            for key, value in AutoencoderKL.config_kwargs(config).items()}
 
 
 def parameter_layout(model):
