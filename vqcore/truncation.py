@@ -16,6 +16,7 @@ from .errors import VQCoreError
 
 
 def check_rate(rate):
+    """The truncation rate as a float in (0, 1]."""
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
         raise VQCoreError(f"truncation rate must be a number in (0, 1]; got {rate!r}")
     return float(rate)
@@ -27,8 +28,8 @@ def truncate(log_probs, rate, fill_value=-torch.inf):
     A class is kept when the probability mass of the classes more likely than it is below `rate`, so the most
     likely class is always kept. For rate < 1 the copy is laid out class-last in memory (a transposed view of a
     contiguous (B, N, C) tensor); an input laid out that way is read without a transposing copy.
+    The rate is not checked here, on every sampling step: sample() checks it once (check_rate).
     """
-    rate = check_rate(rate)
     if rate == 1:
         return log_probs.clone()
     batch, classes, tokens = log_probs.shape
