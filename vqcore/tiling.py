@@ -27,6 +27,9 @@ upsampling, LDM's pad-right-bottom stride-2 downsampling) -> up to the next norm
 * SpatialNorm (MoVQ) is GroupNorm with global statistics, times conv_y(zq) plus conv_b(zq), where zq, the codebook
   output at latent resolution, is nearest-upsampled per tile exactly as F.interpolate does for the whole map.
 
+The blocks describe themselves (their `tile_program` methods in vqcore.autoencoder build a Program from the operations
+below); this module knows the operations and the scheduling, not the blocks.
+
 The compute device holds about one tile (plus, during attention, the keys and values at that resolution). Tile size
 in output pixels (decode) or input pixels (encode) is the one knob; at a level 2**k times smaller the tiles are
 tile_size / 2**k pixels. Batches are processed one image at a time.
