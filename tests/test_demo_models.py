@@ -114,9 +114,10 @@ def roundtrip(model, image):
     return ((y[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
 
 
-# The committed demo weights do not reach these acceptance bars yet (measured: KL 21.2 dB on flower.jpg against a
-# 22.7 dB baseline; prompt agreement 0-7 % against 80 %; inpainting 25 %). The bars stay as stated; strict xfail
-# makes the run fail as soon as retrained weights pass, so the mark is removed with them.
+# The committed demo weights do not reach these acceptance bars yet (measured: KL 21.23 / 20.85 dB on flower.jpg at
+# 256x256 / 320x192 against a 22.73 / 23.67 dB baseline; prompt agreement 3 of 16 images (8 prompts x 2, guidance 5,
+# weights of step 625 of the 725 shipped) against 80 %; inpainting leaves the quarter empty). The bars stay as stated; strict xfail makes the run fail as soon as retrained
+# weights pass, so the mark is removed with them.
 BELOW_THE_BAR = pytest.mark.xfail(strict=True, reason="committed demo weights are below this acceptance bar "
                                                        "(see vqcore/demo_weights/README.md)")
 
@@ -284,7 +285,7 @@ def test_token_inpainting_replaces_the_shape_and_keeps_the_rest(shapes_model):
     model, results = shapes_model, []
     grid = model.transformer.height
     for index, (old, new) in enumerate(INPAINT_CASES):
-        picture = render_shape({**old, "half_size": 0.17, "centre": POSITIONS[old["position"]]})
+        picture = render_shape({**old, "half_size": 0.19, "centre": POSITIONS[old["position"]]})
         x = torch.from_numpy(picture).permute(2, 0, 1)[None].float() / 127.5 - 1
         with torch.inference_mode():
             given = model.vqvae.quantize(model.vqvae.encode(x))[2]
@@ -313,7 +314,7 @@ def test_tiled_decode_of_a_large_photo_equals_the_full_decode(photo_models):
         latents = model.encode(x).mode()
         del x
         full = model.decode(latents)
-    tiled = tiled_decode(model, latents, tile_size=TILE)
+        tiled = tiled_decode(model, latents, tile_size=TILE)
     difference = float(((tiled.clamp(-1, 1) - full.clamp(-1, 1)).abs().max()) / 2)
     print(f"{TILED_SIZE}x{TILED_SIZE} decode, tile {TILE}: max |tiled - full| = {difference:.2e} (0..1 scale)")
     assert difference <= MAX_TILE_DIFFERENCE

@@ -7,9 +7,11 @@ example_workflows/api/<name>.json, a subfolder the template browser does not lis
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from nodes_support import plain_host
+from PIL import Image
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "example_workflows"
 API_FILES = sorted(WORKFLOWS.glob("api/*.json"))
@@ -21,6 +23,22 @@ class EmptyImage:
     def run(self, width, height, batch_size=1, color=0):
         rgb = [((color >> shift) & 0xFF) / 0xFF for shift in (16, 8, 0)]
         return (torch.tensor(rgb).expand(batch_size, height, width, 3).clone(),)
+
+
+class LoadImage:
+    def run(self, image, input_dir):
+        with Image.open(input_dir / image) as im:
+            pixels = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255)
+        return pixels[None], torch.zeros(1, *pixels.shape[:2])
+
+
+class ImageScaleBy:
+    def run(self, image, upscale_method, scale_by):
+        assert upscale_method == "lanczos", "the stand-in implements what the examples use"
+        pictures = [Image.fromarray((item.numpy() * 255).round().astype(np.uint8)) for item in image]
+        size = (round(image.shape[2] * scale_by), round(image.shape[1] * scale_by))
+        return (torch.stack([torch.from_numpy(np.asarray(p.resize(size, Image.LANCZOS), dtype=np.float32) / 255)
+                             for p in pictures]),)
 
 
 class SolidMask:
@@ -53,7 +71,8 @@ class SaveImage:
                 "result": (images,)}
 
 
-CORE_NODES = {cls.__name__: cls for cls in (EmptyImage, SolidMask, MaskComposite, VAEEncode, VAEDecode, SaveImage)}
+CORE_NODES = {cls.__name__: cls for cls in (EmptyImage, LoadImage, ImageScaleBy, SolidMask, MaskComposite, VAEEncode,
+                                            VAEDecode, SaveImage)}
 
 
 def topological_order(prompt):
@@ -86,8 +105,8 @@ def check_widget(pack_cls, name, value, node_id):
         assert options.get("min", -float("inf")) <= value <= options.get("max", float("inf")), (node_id, name)
 
 
-def run_workflow(pack, prompt):
-    """Executes an API-format prompt; returns {node_id: (outputs, ui)}."""
+def run_workflow(pack, prompt, input_dir):
+    """Executes an API-format prompt (LoadImage reads from input_dir); returns {node_id: (outputs, ui)}."""
     results = {}
     for node_id in topological_order(prompt):
         node = prompt[node_id]
@@ -103,6 +122,8 @@ def run_workflow(pack, prompt):
         if pack_cls is not None:
             out = getattr(pack_cls(), pack_cls.FUNCTION)(**kwargs)
         else:
+            if node["class_type"] == "LoadImage":
+                kwargs["input_dir"] = input_dir
             out = CORE_NODES[node["class_type"]]().run(**kwargs)
         ui = out.get("ui") if isinstance(out, dict) else None
         outputs = out["result"] if isinstance(out, dict) else out
@@ -116,11 +137,13 @@ def saved_images(prompt, results):
     return {node_id: results[node_id][0][0] for node_id, node in prompt.items() if node["class_type"] == "SaveImage"}
 
 
-def expected_size(prompt):
-    """(H, W) of the workflow's generated input: its EmptyImage or SolidMask (the VQ-Diffusion grid otherwise)."""
-    for node in prompt.values():
-        if node["class_type"] == "EmptyImage":
-            return node["inputs"]["height"], node["inputs"]["width"]
+def expected_size(prompt, results):
+    """(H, W) of the workflow's input picture: its EmptyImage, or its loaded photo after any scaling (None for
+    pictures the sampler makes)."""
+    for kind in ("ImageScaleBy", "LoadImage", "EmptyImage"):
+        for node_id, node in prompt.items():
+            if node["class_type"] == kind:
+                return tuple(results[node_id][0][0].shape[1:3])
     return None
 
 
@@ -135,13 +158,14 @@ def test_every_workflow_has_both_formats():
 @pytest.mark.parametrize("api_file", API_FILES, ids=lambda p: p.name)
 def test_example_workflow_runs_and_is_deterministic(pack, demo_models, api_file):
     prompt = json.loads(api_file.read_text())
+    input_dir = demo_models.parent / "input"  # where demo-models writes the photo
     with plain_host(pack, demo_models):
-        results = run_workflow(pack, prompt)
+        results = run_workflow(pack, prompt, input_dir)
         first = saved_images(prompt, results)
-        second = saved_images(prompt, run_workflow(pack, prompt))
+        second = saved_images(prompt, run_workflow(pack, prompt, input_dir))
     check_inpainting_keeps_unmasked_tokens(prompt, results)
     assert first, "the workflow saves no image"
-    size = expected_size(prompt)
+    size = expected_size(prompt, results)
     for node_id, image in first.items():
         assert image.dtype == torch.float32 and image.ndim == 4 and image.shape[-1] == 3, (node_id, image.shape)
         if size is not None:

@@ -1,5 +1,5 @@
 """The captioned shape pictures the demo VQ-Diffusion model is trained on: one filled shape of one colour on a plain
-background, 48x48 pixels, with a caption such as "a red circle in the top left on a white background".
+background, 32x32 pixels, with a caption such as "a red circle in the top left on a white background".
 
 The position phrase may be left out (the shape is then in the centre) and so may the background phrase (any
 background). Shapes keep their size and place within a few pixels, so a picture can be checked against its caption
@@ -9,7 +9,7 @@ by looking at it (tests/test_demo_models.py).
 import numpy as np
 from PIL import Image, ImageDraw
 
-IMAGE_SIZE = 48
+IMAGE_SIZE = 32
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 30, 30), "yellow": (240, 210, 20), "green": (30, 170, 50), "blue": (30, 60, 220),
            "purple": (150, 40, 190)}
@@ -17,7 +17,7 @@ BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 12
 # Phrase -> centre of the shape as a fraction of the picture (x, y).
 POSITIONS = {"in the center": (0.5, 0.5), "in the top left": (0.28, 0.28), "in the top right": (0.72, 0.28),
              "in the bottom left": (0.28, 0.72), "in the bottom right": (0.72, 0.72)}
-HALF_SIZE = (0.15, 0.19)  # half the width of a shape, as a fraction of the picture
+HALF_SIZE = (0.17, 0.21)  # half the width of a shape, as a fraction of the picture (at 32 px: 5.4-6.7 px)
 JITTER = 0.03  # of the centre, as a fraction of the picture
 OMIT_POSITION, OMIT_BACKGROUND = 0.2, 0.2  # how often a caption leaves the phrase out
 

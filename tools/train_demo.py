@@ -2,15 +2,20 @@
 crops of the photographs scikit-image ships, and a small text-to-image VQ-Diffusion model on captioned shapes.
 
     pip install torch==2.13.0 -r requirements-train.txt
-    python tools/train_demo.py all            # kl, then vq-diffusion; see vqcore/demo_weights/README.md
+    python tools/train_demo.py STAGE ...      # the shipped weights' commands: vqcore/demo_weights/README.md
 
 Stages (each seeded on its own, so they can also run one at a time or side by side):
 * kl: AutoencoderKL in Stable Diffusion's shape (4 levels, f8, 4 latent channels, quant convs, mid-block attention)
   with narrow channels; L2 + L1 reconstruction and a small KL term.
-* vq-diffusion: a VQModel (f4, 512 codes; EMA codebook with dead-code restarts) on photo crops and shape pictures;
-  then the shape data set is tokenised by it (the fp16 weights that are shipped) and a VQ-Diffusion transformer with
-  a tiny CLIP text encoder and learned classifier-free embeddings is trained on it with VQ-Diffusion's objective
-  (mask-and-replace forward process, posterior KL + auxiliary x0 cross-entropy, text dropped 10 % of the time).
+* vq: a VQModel (f4, 512 codes; EMA codebook with dead-code restarts) on photo crops.
+* shape-vq: the text-to-image model's own VQModel (f4, 128 codes) on shape pictures, starting from the photo VQ
+  model's encoder and decoder (--shape-vq-init).
+* shape-decoder: the shape VQ model's decoder trained on (encoder, codebook frozen: every picture keeps its tokens,
+  so this stage may run before, after or beside `shapes`).
+* shapes: the shape data set tokenised by the shape VQ model (the fp16 weights that are shipped), then a VQ-Diffusion
+  transformer with a tiny CLIP text encoder and learned classifier-free embeddings trained on it with VQ-Diffusion's
+  objective (mask-and-replace forward process, posterior KL + auxiliary x0 cross-entropy, text dropped 10 % of the
+  time).
 
 The models are vqcore's own classes, so the weights are written in exactly the layouts the loaders read. Only the
 forward process, the loss and the training-mode forward passes live here (vqcore's inference code writes in place).
@@ -18,7 +23,6 @@ forward process, the loss and the training-mode forward passes live here (vqcore
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import time
@@ -33,7 +37,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # vqcore from this ch
 
 from shapes import IMAGE_SIZE, render_shape, sample_caption  # noqa: E402  (tools/shapes.py)
 
-from vqcore.autoencoder import use_fast_path  # noqa: E402
+from vqcore.autoencoder import GroupNorm, use_fast_path  # noqa: E402
 from vqcore.autoencoder_kl import AutoencoderKL  # noqa: E402
 from vqcore.scheduler import LOG_ZERO, VQDiffusionScheduler  # noqa: E402
 from vqcore.text_encoder import MAX_LENGTH, PAD_TOKEN, load_tokenizer  # noqa: E402
@@ -41,7 +45,7 @@ from vqcore.transformer import VQDiffusionTransformer  # noqa: E402
 from vqcore.vq_diffusion import NULL_EMBEDDINGS  # noqa: E402
 from vqcore.vq_model import VQModel  # noqa: E402
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "vqcore" / "demo_weights"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "vqcore" / "demo_weights" / "models"
 DOWN, UP = "DownEncoderBlock2D", "UpDecoderBlock2D"
 
 # 8 GroupNorm groups, 4 channels each at the 32-channel level: with 32 groups there, every channel is normalised on
@@ -54,13 +58,14 @@ KL_CONFIG = dict(block_out_channels=[32, 32, 64, 64], layers_per_block=1, latent
 VQ_CONFIG = dict(block_out_channels=[32, 32, 64], layers_per_block=1, latent_channels=4, vq_embed_dim=4,
                  num_vq_embeddings=512, norm_num_groups=8, down_block_types=[DOWN] * 3, up_block_types=[UP] * 3, sample_size=256)
 # The text-to-image model's own VQ model, trained on the shape pictures: flat colours and edges need few codes, and
-# fewer classes make the transformer's task smaller.
-SHAPE_VQ_CONFIG = dict(VQ_CONFIG, num_vq_embeddings=256, sample_size=IMAGE_SIZE)
+# fewer classes make the transformer's task smaller. 32x32 pictures at f4: 64 tokens.
+SHAPE_VQ_CONFIG = dict(VQ_CONFIG, num_vq_embeddings=128, sample_size=IMAGE_SIZE)
 TEXT_CONFIG = dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                    projection_dim=64, max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu",
                    bos_token_id=49406, eos_token_id=49407, pad_token_id=0)
 TIMESTEPS = 100
-TRANSFORMER_CONFIG = dict(num_attention_heads=4, attention_head_dim=32, num_layers=4, cross_attention_dim=64,
+# Small enough for a CPU hour: 64 tokens, width 96, 3 blocks.
+TRANSFORMER_CONFIG = dict(num_attention_heads=4, attention_head_dim=24, num_layers=3, cross_attention_dim=64,
                           attention_bias=True, sample_size=IMAGE_SIZE // 4,
                           num_vector_embeds=SHAPE_VQ_CONFIG["num_vq_embeddings"] + 1, activation_fn="geglu-approximate",
                           num_embeds_ada_norm=TIMESTEPS, dropout=0.0, norm_num_groups=32)
@@ -76,15 +81,15 @@ KL_NAME = "diffusers/vqcore-photo-kl-f8"
 VQ_NAME = "diffusers/vqcore-photo-vq-f4"
 PIPELINE_NAME = "diffusers/vqcore-shapes-vq-diffusion"
 
-# Steps of the shipped weights. The learning rate is constant after its warm-up, so the weights saved at step n of a
-# longer run are those of a run of n steps.
-KL_STEPS, VQ_STEPS, SHAPE_VQ_STEPS, DIFFUSION_STEPS = 100000, 100000, 300, 100000
+# Default step counts (those of the shipped weights are in vqcore/demo_weights/README.md). The learning rate is
+# constant after its warm-up, so the weights saved at step n of a longer run are those of an n-step run.
+KL_STEPS, VQ_STEPS, SHAPE_VQ_STEPS, DIFFUSION_STEPS = 100000, 100000, 100000, 100000
 SAVE_EVERY = 25
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=["all", "kl", "vq", "shapes"])
+    parser.add_argument("stage", choices=["kl", "vq", "shape-vq", "shape-decoder", "shapes"])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="models folder to write (default: the shipped one)")
     parser.add_argument("--work", type=Path, default=Path("train_work"), help="training logs")
     parser.add_argument("--tokenizer", type=Path, default=DEFAULT_OUT / PIPELINE_NAME / "tokenizer",
@@ -94,35 +99,63 @@ def main(argv=None):
     parser.add_argument("--kl-steps", type=int, default=KL_STEPS)
     parser.add_argument("--vq-steps", type=int, default=VQ_STEPS)
     parser.add_argument("--shape-vq-steps", type=int, default=SHAPE_VQ_STEPS)
+    parser.add_argument("--shape-vq-batch", type=int, default=SHAPE_VQ_BATCH)
+    parser.add_argument("--shape-vq-lr", type=float, default=VQ_LR)
+    parser.add_argument("--shape-decoder-steps", type=int, default=SHAPE_VQ_STEPS)
+    parser.add_argument("--shape-vq-init", type=Path,
+                        help="VQModel folder whose encoder and decoder the shape VQ model starts from (not its codebook)")
     parser.add_argument("--diffusion-steps", type=int, default=DIFFUSION_STEPS)
-    parser.add_argument("--diffusion-samples", type=int, default=3000, help="shape pictures in the data set")
+    parser.add_argument("--diffusion-samples", type=int, default=6000, help="shape pictures in the data set")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    if args.stage in ("all", "kl"):
+    if args.stage == "kl":
         train_kl(args)
-    if args.stage in ("all", "vq"):
-        train_vq(args, VQ_CONFIG, args.vq_steps, photos=True, seed=args.seed + 1,
+    elif args.stage == "vq":
+        train_vq(args, VQ_CONFIG, args.vq_steps, VQ_BATCH, VQ_LR, photos=True, seed=args.seed + 1,
                  save=lambda model, step: save_photo_vq(model, args.out))
-    if args.stage in ("all", "shapes"):
-        train_vq(args, SHAPE_VQ_CONFIG, args.shape_vq_steps, photos=False, seed=args.seed + 2,
-                 save=lambda model, step: save_shape_vq(model, args.out))
+    elif args.stage == "shape-vq":
+        train_vq(args, SHAPE_VQ_CONFIG, args.shape_vq_steps, args.shape_vq_batch, args.shape_vq_lr, photos=False, seed=args.seed + 2,
+                 save=lambda model, step: save_shape_vq(model, args.out), init=args.shape_vq_init)
+    elif args.stage == "shape-decoder":
+        train_shape_decoder(args)
+    else:
         train_vq_diffusion(args, shipped_shape_vq(args.out))
 
 
 class Log:
+    """Training log: step, wall and CPU seconds, values. A file NAME.stop beside NAME.log ends the run at its next save
+    (a saved step n of a constant-rate run equals an n-step run)."""
+
     def __init__(self, path, total):
         self.file, self.total, self.started = open(path, "a"), total, time.perf_counter()
+        self.stop = path.with_suffix(".stop")
 
     def __call__(self, step, **values):
         elapsed = time.perf_counter() - self.started
-        text = f"step {step}/{self.total} {elapsed:7.0f} s " + " ".join(f"{k} {v:.4f}" for k, v in values.items())
+        text = (f"step {step}/{self.total} {elapsed:7.0f} s {time.process_time():7.0f} cpu-s "
+                + " ".join(f"{k} {v:.4f}" for k, v in values.items()))
         print(text, file=self.file, flush=True)
+
+    def saved(self, step):
+        """Logs a save at step; True when the run should end here."""
+        self(step, saved=1.0)
+        return self.stop.exists()
 
 
 def learning_rate(step, peak, warmup=50):
     """Linear warm-up, then constant (so a checkpoint of a longer run equals a shorter run)."""
     return peak * min(1.0, (step + 1) / warmup)
+
+
+def trainable(model):
+    """The model on the fast path (channels-last maps), with torch's GroupNorm, which autograd can follow (the fast
+    path's own normalisation writes into its input)."""
+    use_fast_path(model)
+    for module in model.modules():
+        if isinstance(module, GroupNorm):
+            module.fast = False
+    return model.requires_grad_(True).train()  # the loaders return frozen models
 
 
 def set_lr(optimizer, lr):
@@ -203,7 +236,7 @@ def train_kl(args):
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     pyramid = photo_pyramid()
-    model = use_fast_path(AutoencoderKL(**KL_CONFIG)).train()
+    model = trainable(AutoencoderKL(**KL_CONFIG))
     with torch.no_grad():  # start with small posterior noise: the reconstruction need not first learn to shrink it
         model.quant_conv.bias[KL_CONFIG["latent_channels"]:] = -8.0
     optimizer = torch.optim.AdamW(model.parameters(), lr=KL_LR, betas=(0.9, 0.99), weight_decay=0.0)
@@ -226,31 +259,40 @@ def train_kl(args):
             average.swap()
             write_diffusers_folder(args.out / KL_NAME, model)
             average.swap()
-            log(step + 1, saved=1.0)
+            if log.saved(step + 1):
+                break
 
 
 # ---- VQ autoencoders ----------------------------------------------------------------------------------------------
 
-VQ_BATCH, VQ_LR, VQ_BETA, CODEBOOK_DECAY = 8, 1.5e-3, 0.25, 0.99
+VQ_BATCH, SHAPE_VQ_BATCH, VQ_LR, VQ_BETA, CODEBOOK_DECAY = 8, 16, 1.5e-3, 0.25, 0.99
 
 
-def train_vq(args, config, steps, photos, seed, save):
+def train_vq(args, config, steps, batch, peak, photos, seed, save, init=None):
     """A VQModel with an EMA codebook (initialised from encoder outputs, dead codes restarted at encoder outputs),
-    straight-through gradients and a commitment loss, on photo crops or on shape pictures."""
+    straight-through gradients and a commitment loss, on photo crops or on shape pictures. init: a VQModel folder of
+    the same architecture whose weights, all but the codebook (it may have another size), are the starting point."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     pyramid = photo_pyramid() if photos else None
-    model = use_fast_path(VQModel(**config)).train()
+    model = VQModel(**config)
+    if init is not None:
+        from vqcore.loading import load_vqmodel
+
+        start = {k: v for k, v in load_vqmodel(init, device="cpu").state_dict().items() if "embedding" not in k}
+        missing, unexpected = model.load_state_dict(start, strict=False)
+        assert not unexpected and all("embedding" in k for k in missing), (missing, unexpected)
+    model = trainable(model)
     codebook = model.quantize.embedding.weight
     codebook.requires_grad_(False)  # updated by moving averages, not by the optimizer
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=VQ_LR, betas=(0.9, 0.99),
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=peak, betas=(0.9, 0.99),
                                   weight_decay=0.0)
     codes, dim = codebook.shape
     cluster_size, embed_sum = torch.zeros(codes), torch.zeros(codes, dim)
     log = Log(args.work / ("vq.log" if photos else "shape_vq.log"), steps)
     for step in range(steps):
-        set_lr(optimizer, learning_rate(step, VQ_LR, warmup=20 if not photos else 50))
-        x = photo_batch(pyramid, VQ_BATCH, rng) if photos else shape_batch(VQ_BATCH, rng)[0]
+        set_lr(optimizer, learning_rate(step, peak, warmup=20 if not photos else 50))
+        x = photo_batch(pyramid, batch, rng) if photos else shape_batch(batch, rng)[0]
         z = model.encode(x)
         flat = z.permute(0, 2, 3, 1).reshape(-1, dim)
         if step == 0:  # every code starts where the data is
@@ -285,7 +327,37 @@ def train_vq(args, config, steps, photos, seed, save):
                 used=float(indices.unique().numel()), dead=float(dead.sum()))
         if (step + 1) % SAVE_EVERY == 0 or step + 1 == steps:
             save(model, step + 1)
-            log(step + 1, saved=1.0)
+            if log.saved(step + 1):
+                break
+
+
+def train_shape_decoder(args):
+    """More training for the shipped shape VQ model's post-quant conv and decoder only, on the tokens its frozen
+    encoder and codebook give: sharper pictures of the same tokens."""
+    torch.manual_seed(args.seed + 4)
+    rng = np.random.default_rng(args.seed + 4)
+    model = trainable(shipped_shape_vq(args.out)).requires_grad_(False)
+    parameters = [*model.post_quant_conv.parameters(), *model.decoder.parameters()]
+    for p in parameters:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(parameters, lr=args.shape_vq_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    log = Log(args.work / "shape_decoder.log", args.shape_decoder_steps)
+    for step in range(args.shape_decoder_steps):
+        set_lr(optimizer, learning_rate(step, args.shape_vq_lr, warmup=20))
+        x = shape_batch(args.shape_vq_batch, rng)[0]
+        with torch.no_grad():
+            quantized = model.quantize(model.encode(x))[0]
+        y = model.decode(quantized, force_not_quantize=True)
+        loss = reconstruction_loss(y, x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 10 == 0:
+            log(step, loss=float(loss), psnr=psnr(y.detach(), x))
+        if (step + 1) % SAVE_EVERY == 0 or step + 1 == args.shape_decoder_steps:
+            save_shape_vq(model, args.out)
+            if log.saved(step + 1):
+                break
 
 
 def save_photo_vq(model, out):
@@ -306,7 +378,7 @@ def shipped_shape_vq(out):
 # ---- shape pictures ------------------------------------------------------------------------------------------------
 
 def shape_batch(count, rng):
-    """(images (B, 3, 64, 64) in [-1, 1], captions) of random captioned shapes."""
+    """(images (B, 3, IMAGE_SIZE, IMAGE_SIZE) in [-1, 1], captions) of random captioned shapes."""
     pairs = [sample_caption(rng) for _ in range(count)]
     images = np.stack([render_shape(spec) for spec, _ in pairs])
     return to_tensor(images), [caption for _, caption in pairs]
@@ -314,15 +386,15 @@ def shape_batch(count, rng):
 
 # ---- VQ-Diffusion ----------------------------------------------------------------------------------------------------
 
-DIFFUSION_BATCH, DIFFUSION_LR = 24, 1e-3
+DIFFUSION_BATCH, DIFFUSION_LR = 32, 2e-3
 TEXT_DROPOUT, AUX_WEIGHT = 0.1, 1.0
 
 
 def train_vq_diffusion(args, vq):
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(args.seed + 2)
-    rng = np.random.default_rng(args.seed + 2)
+    torch.manual_seed(args.seed + 3)
+    rng = np.random.default_rng(args.seed + 3)
     folder = args.out / PIPELINE_NAME
     copy_tokenizer(args.tokenizer, folder / "tokenizer")
     tokenizer = load_tokenizer(folder / "tokenizer")
@@ -348,7 +420,7 @@ def train_vq_diffusion(args, vq):
     steps = args.diffusion_steps
     log = Log(args.work / "diffusion.log", steps)
     for step in range(steps):
-        set_lr(optimizer, learning_rate(step, DIFFUSION_LR, warmup=100))
+        set_lr(optimizer, learning_rate(step, DIFFUSION_LR, warmup=50))
         batch = torch.from_numpy(rng.integers(len(tokens), size=DIFFUSION_BATCH))
         x0 = tokens[batch]
         text = text_embeddings(text_model, ids[caption_index[batch]])
@@ -371,7 +443,8 @@ def train_vq_diffusion(args, vq):
             average.swap()
             save_vq_diffusion(folder, transformer, text_model, null_embeddings)
             average.swap()
-            log(step + 1, saved=1.0)
+            if log.saved(step + 1):
+                break
 
 
 def text_embeddings(text_model, ids):
@@ -493,7 +566,9 @@ def write_safetensors(path, state):
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path))
+    partial = path.with_suffix(".partial")
+    save_file(state, str(partial))
+    partial.replace(path)  # a run stopped while saving leaves the previous file whole
 
 
 def write_json(path, data):
