@@ -5,7 +5,6 @@ and the torch loader's errors word for word for damaged files.
 The optional-dependency tests at the top run everywhere; the rest skip where JAX or Flax is not installed.
 """
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -23,8 +22,16 @@ from vqcore.loading import load_autoencoder_kl
 from vqcore.vq_model import VQModel
 
 ROOT = Path(__file__).resolve().parents[1]
-HAS_JAX = all(importlib.util.find_spec(name) for name in ("jax", "flax"))
-needs_jax = pytest.mark.skipif(not HAS_JAX, reason="JAX/Flax not installed (pip install jax flax); vqcore.flax untested")
+try:
+    import flax.linen  # noqa: F401
+    import jax
+
+    HAS_JAX = True
+except ImportError:
+    HAS_JAX = False
+needs_jax = pytest.mark.skipif(not HAS_JAX, reason="JAX/Flax not installed (pip install jax jaxlib flax); "
+                                                   "vqcore.flax untested")
+D, AD, U, AU = "DownEncoderBlock2D", "AttnDownEncoderBlock2D", "UpDecoderBlock2D", "AttnUpDecoderBlock2D"
 
 ATOL = 1e-5  # max |Flax - torch| for every fp32 output
 # bf16 compute (parameters, activations and convolution outputs rounded to 8 significant bits; GroupNorm statistics
@@ -33,29 +40,29 @@ BF16_BOUND = 0.05
 
 
 def test_jax_is_optional():
-    """`import vqcore` does not import JAX; without JAX or Flax, importing vqcore.flax raises one VQCoreError naming
-    the missing package. One fresh interpreter (imports are slow), the packages hidden in turn."""
+    """`import vqcore` does not import JAX; without JAX, jaxlib or Flax, importing vqcore.flax raises one VQCoreError
+    naming the missing package. One fresh interpreter (imports are slow), the packages hidden in turn."""
     code = """if True:
         import sys, vqcore, vqcore.loading
         from vqcore.errors import VQCoreError
         print(sorted({"jax", "flax"} & set(sys.modules)))
-        for missing in ("jax", "flax"):
+        for missing in ("jax", "jaxlib", "flax"):
             sys.modules[missing] = None  # as if not installed
             try:
                 import vqcore.flax
             except VQCoreError as e:
                 print(e)
-            del sys.modules[missing]
+            for name in [n for n in sys.modules if n.split(".")[0] in ("jax", "jaxlib", "flax")]:
+                del sys.modules[name]  # what the failed import left half-initialised
     """
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["[]"] + [
-        f"vqcore.flax needs the optional package {missing!r}, which is not installed: pip install jax flax"
-        for missing in ("jax", "flax")]
+        f"vqcore.flax needs the optional package {missing!r}, which is not installed: pip install jax jaxlib flax"
+        for missing in ("jax", "jaxlib", "flax")]
 
 
 if HAS_JAX:
-    import jax
     import jax.numpy as jnp
     from ldm_layout import to_original_layout
     from test_autoencoder_parity import KL_CONFIGS, image, perturb
@@ -65,7 +72,6 @@ if HAS_JAX:
     from vqcore.flax.autoencoder_kl import ACTIVATIONS as FLAX_ACTIVATIONS
     from vqcore.flax.loading import model_fields
 
-    D, AD, U, AU = "DownEncoderBlock2D", "AttnDownEncoderBlock2D", "UpDecoderBlock2D", "AttnUpDecoderBlock2D"
     # The torch parity tests' KL configs, and what they leave out: three layers per level, GELU / Mish resnets,
     # a quant conv without a post-quant conv, attention in every level.
     CONFIGS = {
@@ -115,14 +121,28 @@ def max_diff(ours, reference):
     return float(np.abs(ours - reference).max())
 
 
+def apply(model, method, params, x):
+    return model.apply({"params": params}, x, method=method)
+
+
+if HAS_JAX:
+    # Compiled once per (model fields, method, input shape): equal models loaded in different tests share it.
+    jitted_apply = jax.jit(apply, static_argnums=(0, 1))
+
+
+def rbg_key(seed):
+    """A key of JAX's "rbg" kind: XLA on CPU compiles the default (threefry) key's normal draw for seconds per shape.
+    sample(key) maps any kind of key to noise the same way; the default kind is checked once, on the small model."""
+    return jax.random.key(seed, impl="rbg")
+
+
 def flax_call(model, params, method, x, jit=True):
     """model.apply with `method`, jitted by default (one compilation costs less than op-by-op dispatch)."""
-    call = lambda params, x: model.apply({"params": params}, x, method=method)
-    return (jax.jit(call) if jit else call)(params, jnp.asarray(np.asarray(x)))
+    return (jitted_apply if jit else apply)(model, method, params, jnp.asarray(np.asarray(x)))
 
 
 @torch.inference_mode()
-def assert_flax_matches_torch(model, params, reference, x, key_seed):
+def assert_flax_matches_torch(model, params, reference, x, key):
     """encode (posterior fields, kl, mode), a seeded sample and decode: Flax within ATOL of the torch exact path."""
     posterior = flax_call(model, params, FlaxAutoencoderKL.encode, x)
     ref_posterior = reference.encode(x)
@@ -133,7 +153,6 @@ def assert_flax_matches_torch(model, params, reference, x, key_seed):
     assert max_diff(posterior.mode(), ref_posterior.mode()) <= ATOL, "mode"
 
     # The key's noise is jax.random.normal(key, NCHW latent shape); the same noise in the torch posterior's formula.
-    key = jax.random.key(key_seed)
     sample = posterior.sample(key)
     noise = torch.from_numpy(np.array(jax.random.normal(key, posterior.mean.shape, jnp.float32)))
     ref_sample = ref_posterior.mean + ref_posterior.std * noise
@@ -157,7 +176,7 @@ def test_flax_matches_torch_from_diffusers_folder(name, tmp_path):
     reference = load_autoencoder_kl(folder, device="cpu", dtype="fp32")
     model, params = vqcore.flax.load_autoencoder_kl(folder)
     assert model.dtype == jnp.float32
-    assert_flax_matches_torch(model, params, reference, image(case["image"], seed=4), key_seed=5)
+    assert_flax_matches_torch(model, params, reference, image(case["image"], seed=4), key=rbg_key(5))
 
 
 @needs_jax
@@ -177,23 +196,35 @@ def test_flax_matches_torch_from_single_files(layout, tmp_path):
     for field in ("latent_channels", "use_quant_conv", "scaling_factor", "shift_factor", "latents_mean", "latents_std"):
         assert getattr(model, field) == reference.config[field], field
     assert model.scaling_factor == (0.3611 if layout == "ae.safetensors" else 0.18215)
-    assert_flax_matches_torch(model, params, reference, image((2, 3, 16, 24), seed=7), key_seed=8)
+    assert_flax_matches_torch(model, params, reference, image((2, 3, 16, 24), seed=7), key=rbg_key(8))
 
 
 @needs_jax
-def test_jitted_encode_and_decode_match_eager(tmp_path):
-    case = CONFIGS["kl_sd_like"]
-    model, params = vqcore.flax.load_autoencoder_kl(save_diffusers_folder(case["config"], tmp_path, seed=9))
-    x = jnp.asarray(image(case["image"], seed=10).numpy())
-    encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=FlaxAutoencoderKL.encode))
-    decode = jax.jit(lambda p, z: model.apply({"params": p}, z, method=FlaxAutoencoderKL.decode))
-    posterior = encode(params, x)  # the posterior is a pytree: it leaves jit as it is
-    eager = model.apply({"params": params}, x, method=FlaxAutoencoderKL.encode)
-    assert max_diff(posterior.mean, eager.mean) <= ATOL
-    z = posterior.sample(jax.random.key(0))
-    assert max_diff(decode(params, z), model.apply({"params": params}, z, method=FlaxAutoencoderKL.decode)) <= ATOL
-    reconstruction = model.apply({"params": params}, x)  # __call__: decode(mode)
-    assert max_diff(reconstruction, decode(params, posterior.mode())) <= ATOL
+def test_config_file_beside_an_ldm_file_and_config_argument(tmp_path):
+    """An LDM file with 8 GroupNorm groups (shapes cannot tell: the torch loader assumes 32 and refuses the widths),
+    read through the YAML beside it or config=, as by the torch loader."""
+    from test_single_file_loading import eight_group_kl, ldm_yaml, weights, write_yaml
+
+    ref = eight_group_kl()
+    path = tmp_path / "kl-f4-8g.safetensors"
+    save_file(to_original_layout(weights(ref)), path)
+    with pytest.raises(CheckpointError) as torch_error:
+        load_autoencoder_kl(path, device="cpu")
+    with pytest.raises(CheckpointError, match=r"kl-f4-8g\.safetensors: the widths \[24, 48\] are not multiples of 32") \
+            as flax_error:
+        vqcore.flax.load_autoencoder_kl(path)
+    assert str(flax_error.value) == str(torch_error.value)
+
+    yaml_file = write_yaml(tmp_path / "kl-f4-8g.yaml", ldm_yaml(ref, kl=True, norm_num_groups=8))
+    model, params = vqcore.flax.load_autoencoder_kl(path)
+    assert (model.norm_num_groups, model.sample_size) == (8, 64)
+    assert_flax_matches_torch(model, params, load_autoencoder_kl(path, device="cpu"), image((1, 3, 12, 16), seed=16),
+                              key=rbg_key(17))
+    yaml_file.rename(tmp_path / "elsewhere.yaml")
+    for config in ({"norm_num_groups": 8}, tmp_path / "elsewhere.yaml"):
+        other, other_params = vqcore.flax.load_autoencoder_kl(path, config=config)
+        assert other.norm_num_groups == 8 and other.block_out_channels == model.block_out_channels
+        assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool((a == b).all()), other_params, params))
 
 
 @needs_jax
@@ -219,21 +250,35 @@ def test_bf16_compute_stays_near_fp32(name, tmp_path):
         assert relative > 0, f"bf16 {what} equals fp32: not computed in bf16?"
 
 
+# A small model for what is checked once: random init, eager (op-by-op) calls; attention in a level and the mid block.
+TINY = dict(block_out_channels=[8, 16], down_block_types=[AD, D], up_block_types=[U, AU], layers_per_block=1,
+            latent_channels=2, norm_num_groups=4)
+
+
 @needs_jax
-def test_random_init_and_direct_construction():
+def test_random_init_direct_construction_and_eager_calls():
     """The seed API without a file: init_weights(rng) gives the parameters the loader would fill, in the torch
-    model's shapes, and both models then agree on those random weights."""
-    config = CONFIGS["kl_level_attention_no_mid"]["config"]
-    model = FlaxAutoencoderKL(**model_fields(config))
-    params = model.init_weights(jax.random.key(0))
-    reference = AutoencoderKL(**config).eval()
+    model's shapes; with the torch model's weights both agree; eager calls equal jitted ones."""
+    model = FlaxAutoencoderKL(**model_fields(TINY))
+    params = model.init_weights(rbg_key(0))
+    torch.manual_seed(0)
+    reference = perturb(AutoencoderKL(**TINY), seed=0).eval()
     layout = vqcore.flax.loading.parameter_layout(model)
     assert {name: shape for name, (_, shape) in layout.items()} == {
         k: tuple(v.shape) for k, v in reference.state_dict().items()}
     flat = jax.tree_util.tree_leaves(params)
     assert len(flat) == len(layout) and all(float(jnp.abs(leaf).sum()) > 0 for leaf in flat if leaf.ndim > 1)
+
     params = vqcore.flax.params_from_state_dict(model, reference.state_dict(), "random weights")
-    assert_flax_matches_torch(model, params, reference, image((1, 3, 8, 12), seed=13), key_seed=14)
+    x = image((2, 3, 8, 12), seed=13)
+    posterior = assert_flax_matches_torch(model, params, reference, x, key=jax.random.key(14))  # the default kind
+    eager = flax_call(model, params, FlaxAutoencoderKL.encode, x, jit=False)
+    assert max_diff(eager.mean, posterior.mean) <= ATOL and max_diff(eager.logvar, posterior.logvar) <= ATOL
+    z = posterior.sample(jax.random.key(14))
+    assert max_diff(flax_call(model, params, FlaxAutoencoderKL.decode, z, jit=False),
+                    flax_call(model, params, FlaxAutoencoderKL.decode, z)) <= ATOL
+    reconstruction = model.apply({"params": params}, jnp.asarray(x.numpy()))  # __call__: decode(mode), eager
+    assert max_diff(reconstruction, flax_call(model, params, FlaxAutoencoderKL.decode, posterior.mode())) <= ATOL
 
 
 @needs_jax
@@ -290,6 +335,11 @@ def damaged(kind, good, folder):
                        lambda s: {**s, "encoder.down.0.block.0.time_emb_proj.weight": torch.zeros(32, 8)})
     if kind == "shape mismatch":
         return rewrite(good, folder / "shapes.safetensors", lambda s: {**s, "post_quant_conv.bias": torch.zeros(5)})
+    if kind in ("NaN weight", "infinite weight"):
+        key, value = {"NaN weight": ("decoder.up.1.block.0.conv1.weight", float("nan")),
+                      "infinite weight": ("encoder.mid.attn_1.q.weight", float("inf"))}[kind]
+        return rewrite(good, folder / "non-finite.safetensors",
+                       lambda s: {**s, key: s[key].flatten().index_fill(0, torch.tensor([3]), value).view(s[key].shape)})
     if kind == "integer weights":
         return rewrite(good, folder / "int.safetensors",
                        lambda s: {**s, "encoder.conv_in.weight": s["encoder.conv_in.weight"].to(torch.int32)})
@@ -309,7 +359,8 @@ def damaged(kind, good, folder):
 
 
 DAMAGE = ["truncated", "zeros", "no such file", "folder without config", "missing key", "extra key", "shape mismatch",
-          "integer weights", "channels no GroupNorm divides", "text encoder", "VQ model"]
+          "NaN weight", "infinite weight", "integer weights", "channels no GroupNorm divides", "text encoder",
+          "VQ model"]
 
 
 @needs_jax
@@ -324,6 +375,19 @@ def test_damaged_files_give_the_torch_loaders_error(kind, tmp_path):
     assert str(flax_error.value) == str(torch_error.value)
     assert path.name in str(flax_error.value)
     assert vqcore.flax.load_autoencoder_kl(good)[0].latent_channels == 4  # nothing else broke
+
+
+@needs_jax
+def test_weight_that_overflows_half_precision_is_named(tmp_path):
+    good = save_ldm_file(GOOD_KL, tmp_path / "good.safetensors", seed=15)
+    path = rewrite(good, tmp_path / "large.safetensors", lambda s: {**s, "post_quant_conv.bias": torch.full((4,), 1e6)})
+    assert float(vqcore.flax.load_autoencoder_kl(path)[1]["post_quant_conv"]["bias"].max()) == 1e6
+    with pytest.raises(CheckpointError) as torch_error:
+        load_autoencoder_kl(path, device="cpu", dtype="fp16")
+    with pytest.raises(CheckpointError) as flax_error:
+        vqcore.flax.load_autoencoder_kl(path, dtype="fp16")
+    assert str(flax_error.value) == str(torch_error.value)
+    assert "large.safetensors: weight post_quant_conv.bias overflows torch.float16" in str(flax_error.value)
 
 
 @needs_jax

@@ -8,19 +8,30 @@
     latents = posterior.sample(jax.random.key(0))                            # or posterior.mode()
     pixels = model.apply({"params": params}, latents, method=FlaxAutoencoderKL.decode)
 
-JAX and Flax are optional (not among vqcore's requirements): `pip install jax flax`. `import vqcore` never imports
-them; importing this package without them raises one VQCoreError that names the missing package.
+JAX and Flax are optional (not among vqcore's requirements): `pip install jax jaxlib flax`. `import vqcore` never
+imports them; importing this package without them raises one VQCoreError that names the missing package.
 """
 
 from ..errors import VQCoreError
+
+
+def missing_package(error):
+    """The top-level package whose absence caused an ImportError: the innermost named one (jax re-raises a missing
+    jaxlib as its own error without a name)."""
+    names = []
+    while error is not None:
+        if isinstance(error, ImportError) and error.name:
+            names.append(error.name)
+        error = error.__cause__ or error.__context__
+    return (names[-1] if names else "jax").split(".")[0]
+
 
 try:
     import jax  # noqa: F401
     import flax.linen  # noqa: F401
 except ImportError as e:
-    raise VQCoreError(
-        f"vqcore.flax needs the optional package {(e.name or 'jax').split('.')[0]!r}, which is not installed: pip install jax flax"
-    ) from e
+    raise VQCoreError(f"vqcore.flax needs the optional package {missing_package(e)!r}, which is not installed: "
+                      f"pip install jax jaxlib flax") from e
 
 from .autoencoder_kl import FlaxAutoencoderKL, FlaxDiagonalGaussian  # noqa: E402
 from .loading import load_autoencoder_kl, params_from_state_dict  # noqa: E402

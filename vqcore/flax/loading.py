@@ -20,7 +20,7 @@ from flax import traverse_util
 
 from ..autoencoder_kl import AutoencoderKL
 from ..errors import CheckpointError, VQCoreError
-from ..loading import check_keys, read_autoencoder
+from ..loading import check_finite, check_keys, read_autoencoder
 from .autoencoder_kl import FlaxAutoencoderKL
 
 DTYPE_NAMES = {"fp32": jnp.float32, "fp16": jnp.float16, "bf16": jnp.bfloat16}
@@ -29,14 +29,14 @@ LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 TO_FLAX_AXES = {4: (2, 3, 1, 0), 2: (1, 0), 1: (0,)}
 
 
-def load_autoencoder_kl(path, dtype=jnp.float32, family="auto", variant=None):
+def load_autoencoder_kl(path, dtype=jnp.float32, family="auto", variant=None, config=None):
     """(FlaxAutoencoderKL, params) from a diffusers folder or a single file in any layout vqcore reads.
 
     `dtype` ("fp32", "fp16", "bf16" or a JAX floating dtype) is the compute dtype and the parameters' dtype.
-    `family` and `variant` as for vqcore.load_autoencoder_kl.
+    `family`, `variant` and `config` (and a config file beside a single file) as for vqcore.load_autoencoder_kl.
     """
     dtype = resolve_dtype(dtype)
-    config, state, source, file_name = read_autoencoder(path, "cpu", family, variant, expected="AutoencoderKL")
+    config, state, source, file_name = read_autoencoder(path, "cpu", family, variant, "AutoencoderKL", config)
     try:
         model = FlaxAutoencoderKL(**model_fields(config), dtype=dtype)
     except (VQCoreError, TypeError) as e:  # as the torch loader: channel counts no GroupNorm divides, ...
@@ -74,11 +74,16 @@ def parameter_layout(model):
 
 def params_from_state_dict(model, state, source, file_name=str):
     """The Flax parameter tree of `model` (in its dtype) from a diffusers-named state dict of torch tensors; a
-    CheckpointError naming `source` when the state dict does not fit the model."""
+    CheckpointError naming `source` when the state dict does not fit the model or holds NaN or infinite values
+    (also after rounding to the model's dtype), as from the torch loader."""
     layout = parameter_layout(model)
     check_keys({name: shape for name, (_, shape) in layout.items()}, state, "AutoencoderKL", source, file_name)
+    # Rounded by torch first (float32 -> bfloat16/float16 rounds to nearest even there as in JAX), so that the torch
+    # loader's finiteness check sees the same values; the rounded values pass exactly through float32 numpy arrays.
+    rounded = {name: state[name].detach().to("cpu", getattr(torch, jnp.dtype(model.dtype).name)) for name in layout}
+    check_finite(rounded, source, file_name, original=state)
     flat = {}
     for name, (path, _) in layout.items():
-        tensor = state[name].detach().to("cpu", torch.float32).numpy()  # numpy has no bfloat16
+        tensor = rounded[name].to(torch.float32).numpy()  # numpy has no bfloat16
         flat[path] = jnp.asarray(tensor.transpose(TO_FLAX_AXES[tensor.ndim]), dtype=model.dtype)
     return traverse_util.unflatten_dict(flat)
