@@ -30,7 +30,7 @@ PANEL_WIDGET = "vqcore_panel"
 # What each payload key puts in its panel's text (web/vqcore_panels.js).
 PANEL_TEXT = {"vqcore_tokens": "codes used", "vqcore_tiles": "px tiles", "vqcore_sampler": "steps/s"}
 # Between them these runs send every payload key; the test checks that they do.
-RUN_WORKFLOWS = ("vq_encode_decode_roundtrip", "vq_diffusion_token_inpainting")
+RUN_WORKFLOWS = ("vq_encode_decode_roundtrip", "autoencoder_kl_vae_decode", "vq_diffusion_token_inpainting")
 
 
 def host_version() -> tuple:
