@@ -14,6 +14,7 @@ from vqcore.errors import CheckpointError, VQCoreError
 from vqcore.loading import load_autoencoder, load_autoencoder_kl, load_vqmodel
 from vqcore.vae_layouts import to_ldm_names
 from vqcore.vq_model import VQModel
+from unsafe_pickle import CreatesMarkerFile
 
 D, AD, U, AU = "DownEncoderBlock2D", "AttnDownEncoderBlock2D", "UpDecoderBlock2D", "AttnUpDecoderBlock2D"
 
@@ -64,16 +65,6 @@ def test_file_that_is_not_a_weight_file_at_all(tmp_path):
     broken.write_bytes(bytes(4096))
     with pytest.raises(CheckpointError, match=r"zeros\.safetensors"):
         load_vqmodel(broken, device="cpu")
-
-
-class CreatesMarkerFile:
-    """Unpickling this object calls Path.touch(marker): stand-in for a checkpoint that runs code when loaded."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return Path.touch, (self.marker,)
 
 
 def test_pickle_that_runs_code_is_refused_and_not_run(tmp_path):

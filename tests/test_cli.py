@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from vqcore.__main__ import main
 from vqcore.loading import load_autoencoder
+from unsafe_pickle import CreatesMarkerFile
 
 # Every single file demo-models must write, with the model kind and latent scaling its loader should find.
 EXPECTED_FILES = {
@@ -113,16 +114,6 @@ def test_generate_config_option_reaches_the_vqvae(demo_models, tmp_path, capsys)
     assert main(["generate", "a cube", str(out), "--checkpoint", str(folder), "--config", str(config)]) == 1
     assert "vqvae.json: latent_channels gives latent_channels = 7, but the weights of" in capsys.readouterr().err
     assert not out.exists()
-
-
-class CreatesMarkerFile:
-    """Unpickling this object calls Path.touch(marker): stand-in for a checkpoint that runs code when loaded."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return Path.touch, (self.marker,)
 
 
 def nan_at(key, count):

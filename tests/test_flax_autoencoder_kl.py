@@ -20,6 +20,7 @@ from vqcore.autoencoder_kl import AutoencoderKL
 from vqcore.errors import CheckpointError, VQCoreError
 from vqcore.loading import load_autoencoder_kl
 from vqcore.vq_model import VQModel
+from unsafe_pickle import CreatesMarkerFile
 
 ROOT = Path(__file__).resolve().parents[1]
 try:
@@ -405,16 +406,6 @@ def test_pickle_that_runs_code_is_refused_and_not_run(tmp_path):
     with pytest.raises(CheckpointError, match=r"evil\.ckpt: refused"):
         vqcore.flax.load_autoencoder_kl(path)
     assert not marker.exists()
-
-
-class CreatesMarkerFile:
-    """Unpickling this object calls Path.touch(marker): stand-in for a checkpoint that runs code when loaded."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return Path.touch, (self.marker,)
 
 
 @pytest.fixture(scope="module")
