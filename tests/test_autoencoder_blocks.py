@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vqcore import autoencoder
 from vqcore.autoencoder import GroupNorm, Upsample
 
 
@@ -46,6 +47,30 @@ def test_fast_group_norm_is_as_accurate_as_torchs_on_contiguous_maps(shape, grou
         assert out.shape == shape and out.is_contiguous(memory_format=torch.channels_last)
         assert (out.double() - exact).abs().max() <= 2 * torch_error
         assert (out.data_ptr() == given.data_ptr()) == (in_place and source is x)
+
+
+@pytest.mark.parametrize("mean, std, two_pass", [(0.0, 1.0, False), (1.0, 1.0, False), (3.0, 0.1, True),
+                                                 (-20.0, 1.0, True), (0.5, 1e-4, True)])
+def test_fast_group_norm_takes_torchs_kernel_only_where_it_does_not_cancel(monkeypatch, mean, std, two_pass):
+    """torch's channels-last kernel (few parallel passes) serves ordinary maps; large-mean and nearly flat ones go to
+    the two-pass computation. Either way the result is within the contiguous kernel's error from float64 plus float32
+    rounding (16 ulps of the output's magnitude, the bound of tests/test_autoencoder_parity.py)."""
+    torch.manual_seed(0)
+    norm = GroupNorm(8, 32, eps=1e-6)
+    norm.fast = True
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3), norm.bias.normal_(0.0, 0.3)
+    x = (torch.randn(2, 32, 24, 16) * std + mean).contiguous(memory_format=torch.channels_last)
+    exact = F.group_norm(x.double(), 8, norm.weight.double(), norm.bias.double(), norm.eps)
+    torch_error = (F.group_norm(x.contiguous(), 8, norm.weight, norm.bias, norm.eps).double() - exact).abs().max()
+    used = []
+    two_pass_norm = autoencoder.group_norm_two_pass
+    monkeypatch.setattr(autoencoder, "group_norm_two_pass", lambda *args: used.append(1) or two_pass_norm(*args))
+    with torch.no_grad():
+        out = norm(x.clone(memory_format=torch.channels_last))
+    assert bool(used) == two_pass
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert (out.double() - exact).abs().max() <= torch_error + 16 * torch.finfo(torch.float32).eps * exact.abs().max()
 
 
 def test_fast_group_norm_of_half_precision_maps_is_computed_in_float32():

@@ -149,7 +149,7 @@ def learning_rate(step, peak, warmup=50):
 
 
 def trainable(model):
-    """The model on the fast path (channels-last maps), with torch's GroupNorm, which autograd can follow (the fast
+    """The model on the fast path (the decoder's channels-last maps), with torch's GroupNorm, which autograd can follow (the fast
     path's own normalisation writes into its input)."""
     use_fast_path(model)
     for module in model.modules():

@@ -12,7 +12,7 @@ Two ways to compute, chosen per model with `use_fast_path`:
 * exact (the default): the order of floating-point operations and the memory layout of intermediate tensors follow
   diffusers, so results are diffusers' bit for bit (on CPU a convolution gives slightly different results for a
   channels-last input than for a contiguous one, and the attention output is channels-last-strided);
-* fast: feature maps are channels-last in memory, where CPU convolutions run faster, and upsampling with
+* fast (decoding only; see use_fast_path): feature maps are channels-last in memory, where CPU convolutions run faster, and upsampling with
   its convolution runs as one transposed convolution of the input (Upsample). On CPU, GroupNorm is computed by the
   pack's own two-pass statistics (torch's channels-last CPU kernel loses precision on maps with a large mean),
   overwriting its input where nothing reads that later. Results move by float32 rounding and are as close to a
@@ -41,9 +41,6 @@ ACTIVATIONS = {
     "gelu": lambda x: x.copy_(F.gelu(x)),
 }
 
-NORM_SLICE_BYTES = 16 << 20  # squared deviations are summed a slice of this size at a time, not in one full-size copy
-
-
 def group_statistics(channel_mean, channel_variance, groups):
     """Per-group mean and variance from per-channel ones, (N, C) -> (N, groups) each: a group's variance is the mean
     of its channels' variances plus the variance of their means. In float64, so that the merge itself loses nothing."""
@@ -54,23 +51,40 @@ def group_statistics(channel_mean, channel_variance, groups):
     return mean, channel_variance.double().view(n, groups, c // groups).mean(-1) + spread
 
 
+# torch's CPU GroupNorm for channels-last maps computes a group's variance as E[x^2] - E[x]^2 in float32, which cancels
+# when the group's mean is large against its spread: mean 3, std 0.1 gives errors of 1e-3 where a contiguous map gets
+# 4e-6. The error of that variance is a few float32 roundings of E[x^2] = var + mean^2, so where the kernel reports
+# |mean| / std <= this limit, its variance is off by at most a few roundings of 5 * var: as good as the contiguous
+# kernel. Beyond it (large-mean or nearly flat maps) the map is normalised again by the two-pass computation.
+CANCELLATION_LIMIT = 2.0
+
+
 def group_norm_channels_last(x, norm, in_place):
     """norm(x) (an nn.GroupNorm) for a CPU map, computed in its channels-last layout as accurately as torch's kernel
-    computes it on a contiguous map. torch's CPU kernel for channels-last maps sums x and x*x in one pass, which
-    cancels when a channel's mean is large against its spread (mean 3, std 0.1: off by 1e-3 instead of 4e-6). Here
-    per-channel means come first, then the squared deviations from them. With in_place, x is overwritten.
-    Half-precision maps are normalised in float32."""
+    computes it on a contiguous map: torch's channels-last kernel where its own statistics show that it did not cancel
+    (one pass for the statistics, one for the output: few parallel regions, which matters on a busy machine), the
+    two-pass computation (group_norm_two_pass) where they do not. Half-precision maps are normalised in float32."""
     if x.dtype in (torch.float16, torch.bfloat16):
         return group_norm_channels_last(x.float(), norm, True).to(x.dtype)
     if not x.is_contiguous(memory_format=torch.channels_last):
         x, in_place = x.contiguous(memory_format=torch.channels_last), True
     n, c, h, w = x.shape
+    weight, bias = norm.weight.to(x.dtype), norm.bias.to(x.dtype)  # a half-precision model's, for its float32 maps
+    out, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, h * w, norm.num_groups, norm.eps)
+    if (mean * rstd).abs().max() <= CANCELLATION_LIMIT:
+        return out
+    return group_norm_two_pass(x, norm, in_place)
+
+
+def group_norm_two_pass(x, norm, in_place):
+    """norm(x) for a channels-last float32 CPU map with per-channel means first, then the squared deviations from
+    them, so nothing cancels. With in_place, x is overwritten."""
+    n, c, h, w = x.shape
     pixels = x.permute(0, 2, 3, 1).view(n, h * w, c)
     channel_mean = pixels.mean(1, keepdim=True)
     centred = pixels.sub_(channel_mean) if in_place else pixels - channel_mean
-    rows = max(1, NORM_SLICE_BYTES // max(1, n * c * x.element_size()))
-    squares = sum(part.square().sum(1, keepdim=True) for part in centred.split(rows, 1))
-    mean, variance = group_statistics(channel_mean.view(n, c), squares.view(n, c) / (h * w), norm.num_groups)
+    squares = torch.linalg.vecdot(centred, centred, dim=1)  # one pass, no full-size temporary
+    mean, variance = group_statistics(channel_mean.view(n, c), squares / (h * w), norm.num_groups)
     # (x - group mean) * scale + bias == centred * scale + (bias + (channel mean - group mean) * scale)
     per_channel = lambda t: t.repeat_interleave(c // norm.num_groups, dim=1)
     scale = per_channel(torch.rsqrt(variance + norm.eps)) * norm.weight.double()
@@ -336,7 +350,7 @@ def block_attention(block_types, known, field):
 
 
 class Encoder(nn.Module):
-    fast = False  # channels-last feature maps; see use_fast_path
+    """Always computes as diffusers does: see use_fast_path for why the fast path leaves it alone."""
 
     def __init__(self, *, in_channels, out_channels, down_block_types, block_out_channels, layers_per_block,
                  norm_num_groups, act_fn, mid_block_add_attention):
@@ -357,12 +371,11 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(channels, out_channels, 3, padding=1)
 
     def forward(self, x):
-        x = self.conv_in(x.contiguous(memory_format=torch.channels_last) if self.fast else x)
+        x = self.conv_in(x)
         for level in self.down_blocks:
             x = level(x)
         x = self.mid_block(x)
-        x = self.conv_out(silu_(self.conv_norm_out(x, in_place=self.fast)))  # SiLU whatever act_fn says
-        return x.contiguous() if self.fast else x
+        return self.conv_out(silu_(self.conv_norm_out(x)))  # SiLU whatever act_fn says
 
     def tile_program(self, program):
         """forward, for vqcore.tiling."""
@@ -428,11 +441,15 @@ def silu_(x):
 
 
 def use_fast_path(model, enabled=True):
-    """Switches a VQModel's or AutoencoderKL's encoder and decoder to the fast path (channels-last feature maps,
-    upsampling as a transposed convolution; on CPU the pack's own GroupNorm, overwriting maps nothing reads later) or
-    back to diffusers' exact computation; returns the model."""
-    for module in model.modules():
-        if isinstance(module, (Encoder, Decoder, ResnetBlock, GroupNorm, Attention, Upsample)):
+    """Switches a VQModel's or AutoencoderKL's decoder to the fast path (channels-last feature maps, upsampling as a
+    transposed convolution; on CPU the pack's own GroupNorm, overwriting maps nothing reads later) or back to
+    diffusers' exact computation; returns the model.
+
+    The encoder always computes exactly: channels-last made the ithq-shaped encoder (few channels at full resolution)
+    slower than the exact path when another process kept a core busy (bench/bench_autoencoders.py), and an encoder
+    that is exact also gives diffusers' tokens and latents wherever they are used."""
+    for module in model.decoder.modules():
+        if isinstance(module, (Decoder, ResnetBlock, GroupNorm, Attention, Upsample)):
             module.fast = enabled
     return model
 
