@@ -2,13 +2,14 @@
 
     python bench/bench_autoencoders.py [--repeats 5] [--size 512] [--threads N]
 
-vqcore runs twice: on its exact path (the default: diffusers' bits) and on its fast path (vqcore.use_fast_path:
-channels-last maps, upsampling as a transposed convolution, the pack's own GroupNorm; what the ComfyUI nodes and the
-command line use). Prints the median wall time of each, the ratio vqcore / diffusers (below 1 means vqcore is faster),
-the ratio fast / exact and the largest difference from diffusers' output; for the ithq decode also each side's
-difference from a float64 decode. Every benchmark runs twice: on the machine as it is, and while a second process
-(started and stopped here) keeps one core busy with a CPU-bound loop. All run under torch.inference_mode(), in turn,
-so that changing machine load hits them alike.
+vqcore decodes twice: on its exact path (the default: diffusers' bits) and on its fast path (vqcore.use_fast_path:
+channels-last maps, upsampling as a transposed convolution, torch's channels-last GroupNorm checked for cancellation;
+what the ComfyUI nodes and the command line use). Encoding has one path (the fast path encodes on the exact one).
+Prints the median wall time of each, the ratio vqcore / diffusers (below 1 means vqcore is faster), the ratio fast /
+exact and the largest difference from diffusers' output; for the ithq decode also each side's difference from a
+float64 decode. Every benchmark runs twice: on the machine as it is, and while a second process (started and stopped
+here) keeps one core busy with a CPU-bound loop. All run under torch.inference_mode(), in turn, so that changing
+machine load hits them alike.
 """
 
 import argparse
@@ -72,7 +73,7 @@ def one_core_busy(enabled):
 
 
 def compare(label, runs_by_side, repeats):
-    """runs_by_side: {"exact": f, "fast": f, "diffusers": f}. Runs them in turn `repeats` times, on the machine as it
+    """runs_by_side: {"exact": f, "diffusers": f} and, for decodes, "fast": f. Runs them in turn `repeats` times, on the machine as it
     is and then with one core busy; prints each vqcore side's median wall time, its ratio to diffusers', the ratio of
     process CPU times (steadier on a shared machine), the largest output difference, and fast / exact.
     Returns {(side, condition): ratio to diffusers}."""
@@ -94,14 +95,15 @@ def compare_once(label, runs_by_side, repeats):
     cpu = {side: statistics.median(r[2] for r in runs) for side, runs in results.items()}
     reference = results["diffusers"][0][0]
     ratios = {}
-    for side in ("exact", "fast"):
+    for side in [s for s in ("exact", "fast") if s in runs_by_side]:
         diff = (results[side][0][0] - reference).abs().max().item()
         ratios[side] = wall[side] / wall["diffusers"]
         print(f"{label:<36} {side:5s} vqcore {wall[side]:6.2f} s  diffusers {wall['diffusers']:6.2f} s  "
               f"ratio {ratios[side]:4.2f}  (CPU-time ratio {cpu[side] / cpu['diffusers']:4.2f})  max|diff| {diff:.1e}",
               flush=True)
-    print(f"{label:<36} fast / exact {wall['fast'] / wall['exact']:4.2f}"
-          + ("  (fast path SLOWER)" if wall["fast"] > wall["exact"] else ""), flush=True)
+    if "fast" in wall:
+        print(f"{label:<36} fast / exact {wall['fast'] / wall['exact']:4.2f}"
+              + ("  (fast path SLOWER)" if wall["fast"] > wall["exact"] else ""), flush=True)
     return ratios
 
 
@@ -120,8 +122,7 @@ def main():
         reference, exact, fast = model_sides(diffusers.AutoencoderKL, AutoencoderKL, SD_KL, seed=0)
         latents = reference.encode(image).latent_dist.mode()
         ratios["SD KL encode"] = compare("SD KL VAE encode", {
-            "exact": lambda: exact.encode(image).mean, "fast": lambda: fast.encode(image).mean,
-            "diffusers": lambda: reference.encode(image).latent_dist.mean}, args.repeats)
+            "exact": lambda: exact.encode(image).mean, "diffusers": lambda: reference.encode(image).latent_dist.mean}, args.repeats)
         ratios["SD KL decode"] = compare("SD KL VAE decode", {
             "exact": lambda: exact.decode(latents), "fast": lambda: fast.decode(latents),
             "diffusers": lambda: reference.decode(latents).sample}, args.repeats)
@@ -130,8 +131,7 @@ def main():
         reference, exact, fast = model_sides(diffusers.VQModel, VQModel, ITHQ_VQ, seed=1)
         latents = reference.encode(image).latents
         ratios["ithq VQ encode"] = compare("ithq VQ-VAE encode", {
-            "exact": lambda: exact.encode(image), "fast": lambda: fast.encode(image),
-            "diffusers": lambda: reference.encode(image).latents}, args.repeats)
+            "exact": lambda: exact.encode(image), "diffusers": lambda: reference.encode(image).latents}, args.repeats)
         ratios["ithq VQ decode"] = compare("ithq VQ-VAE decode", {
             "exact": lambda: exact.decode(latents), "fast": lambda: fast.decode(latents),
             "diffusers": lambda: reference.decode(latents).sample}, args.repeats)
@@ -150,7 +150,7 @@ def main():
     for side in ("exact", "fast"):
         for condition in ("as is", "one core busy"):
             print(f"ratios vqcore ({side} path) / diffusers, {condition}: "
-                  + ", ".join(f"{k} {v[side, condition]:.2f}" for k, v in ratios.items()))
+                  + ", ".join(f"{k} {v[side, condition]:.2f}" for k, v in ratios.items() if (side, condition) in v))
 
 
 if __name__ == "__main__":

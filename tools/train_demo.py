@@ -10,8 +10,6 @@ Stages (each seeded on its own, so they can also run one at a time or side by si
 * vq: a VQModel (f4, 512 codes; EMA codebook with dead-code restarts) on photo crops.
 * shape-vq: the text-to-image model's own VQModel (f4, 128 codes) on shape pictures, starting from the photo VQ
   model's encoder and decoder (--shape-vq-init).
-* shape-decoder: the shape VQ model's decoder trained on (encoder, codebook frozen: every picture keeps its tokens,
-  so this stage may run before, after or beside `shapes`).
 * shapes: the shape data set tokenised by the shape VQ model (the fp16 weights that are shipped), then a VQ-Diffusion
   transformer with a tiny CLIP text encoder and learned classifier-free embeddings trained on it with VQ-Diffusion's
   objective (mask-and-replace forward process, posterior KL + auxiliary x0 cross-entropy, text dropped 10 % of the
@@ -89,7 +87,7 @@ SAVE_EVERY = 25
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=["kl", "vq", "shape-vq", "shape-decoder", "shapes"])
+    parser.add_argument("stage", choices=["kl", "vq", "shape-vq", "shapes"])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="models folder to write (default: the shipped one)")
     parser.add_argument("--work", type=Path, default=Path("train_work"), help="training logs")
     parser.add_argument("--tokenizer", type=Path, default=DEFAULT_OUT / PIPELINE_NAME / "tokenizer",
@@ -101,7 +99,6 @@ def main(argv=None):
     parser.add_argument("--shape-vq-steps", type=int, default=SHAPE_VQ_STEPS)
     parser.add_argument("--shape-vq-batch", type=int, default=SHAPE_VQ_BATCH)
     parser.add_argument("--shape-vq-lr", type=float, default=VQ_LR)
-    parser.add_argument("--shape-decoder-steps", type=int, default=SHAPE_VQ_STEPS)
     parser.add_argument("--shape-vq-init", type=Path,
                         help="VQModel folder whose encoder and decoder the shape VQ model starts from (not its codebook)")
     parser.add_argument("--diffusion-steps", type=int, default=DIFFUSION_STEPS)
@@ -117,8 +114,6 @@ def main(argv=None):
     elif args.stage == "shape-vq":
         train_vq(args, SHAPE_VQ_CONFIG, args.shape_vq_steps, args.shape_vq_batch, args.shape_vq_lr, photos=False, seed=args.seed + 2,
                  save=lambda model, step: save_shape_vq(model, args.out), init=args.shape_vq_init)
-    elif args.stage == "shape-decoder":
-        train_shape_decoder(args)
     else:
         train_vq_diffusion(args, shipped_shape_vq(args.out))
 
@@ -327,35 +322,6 @@ def train_vq(args, config, steps, batch, peak, photos, seed, save, init=None):
                 used=float(indices.unique().numel()), dead=float(dead.sum()))
         if (step + 1) % SAVE_EVERY == 0 or step + 1 == steps:
             save(model, step + 1)
-            if log.saved(step + 1):
-                break
-
-
-def train_shape_decoder(args):
-    """More training for the shipped shape VQ model's post-quant conv and decoder only, on the tokens its frozen
-    encoder and codebook give: sharper pictures of the same tokens."""
-    torch.manual_seed(args.seed + 4)
-    rng = np.random.default_rng(args.seed + 4)
-    model = trainable(shipped_shape_vq(args.out)).requires_grad_(False)
-    parameters = [*model.post_quant_conv.parameters(), *model.decoder.parameters()]
-    for p in parameters:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(parameters, lr=args.shape_vq_lr, betas=(0.9, 0.99), weight_decay=0.0)
-    log = Log(args.work / "shape_decoder.log", args.shape_decoder_steps)
-    for step in range(args.shape_decoder_steps):
-        set_lr(optimizer, learning_rate(step, args.shape_vq_lr, warmup=20))
-        x = shape_batch(args.shape_vq_batch, rng)[0]
-        with torch.no_grad():
-            quantized = model.quantize(model.encode(x))[0]
-        y = model.decode(quantized, force_not_quantize=True)
-        loss = reconstruction_loss(y, x)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 10 == 0:
-            log(step, loss=float(loss), psnr=psnr(y.detach(), x))
-        if (step + 1) % SAVE_EVERY == 0 or step + 1 == args.shape_decoder_steps:
-            save_shape_vq(model, args.out)
             if log.saved(step + 1):
                 break
 
