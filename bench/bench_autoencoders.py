@@ -73,8 +73,8 @@ def one_core_busy(enabled):
 
 
 def compare(label, runs_by_side, repeats):
-    """runs_by_side: {"exact": f, "diffusers": f} and, for decodes, "fast": f. Runs them in turn `repeats` times, on the machine as it
-    is and then with one core busy; prints each vqcore side's median wall time, its ratio to diffusers', the ratio of
+    """runs_by_side: {"exact": f, "diffusers": f} and, for decodes, "fast": f. Runs them in turn `repeats` times, on
+    the machine as it is and then with one core busy; prints each vqcore side's median wall time, its ratio to diffusers', the ratio of
     process CPU times (steadier on a shared machine), the largest output difference, and fast / exact.
     Returns {(side, condition): ratio to diffusers}."""
     ratios = {}
@@ -122,7 +122,8 @@ def main():
         reference, exact, fast = model_sides(diffusers.AutoencoderKL, AutoencoderKL, SD_KL, seed=0)
         latents = reference.encode(image).latent_dist.mode()
         ratios["SD KL encode"] = compare("SD KL VAE encode", {
-            "exact": lambda: exact.encode(image).mean, "diffusers": lambda: reference.encode(image).latent_dist.mean}, args.repeats)
+            "exact": lambda: exact.encode(image).mean,
+            "diffusers": lambda: reference.encode(image).latent_dist.mean}, args.repeats)
         ratios["SD KL decode"] = compare("SD KL VAE decode", {
             "exact": lambda: exact.decode(latents), "fast": lambda: fast.decode(latents),
             "diffusers": lambda: reference.decode(latents).sample}, args.repeats)
@@ -131,7 +132,8 @@ def main():
         reference, exact, fast = model_sides(diffusers.VQModel, VQModel, ITHQ_VQ, seed=1)
         latents = reference.encode(image).latents
         ratios["ithq VQ encode"] = compare("ithq VQ-VAE encode", {
-            "exact": lambda: exact.encode(image), "diffusers": lambda: reference.encode(image).latents}, args.repeats)
+            "exact": lambda: exact.encode(image),
+            "diffusers": lambda: reference.encode(image).latents}, args.repeats)
         ratios["ithq VQ decode"] = compare("ithq VQ-VAE decode", {
             "exact": lambda: exact.decode(latents), "fast": lambda: fast.decode(latents),
             "diffusers": lambda: reference.decode(latents).sample}, args.repeats)

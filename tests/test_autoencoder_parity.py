@@ -17,7 +17,8 @@ from vqcore.vq_model import VQModel  # noqa: E402
 
 ATOL = 1e-5  # max |difference| allowed for every float output of the fast path; indices must be equal
 # The exact path (the default) must be bit-identical. The fast path (decoding with channels-last maps, upsampling as a
-# transposed convolution, the pack's own GroupNorm on CPU) moves results by float32 rounding.
+# transposed convolution, on CPU torch's channels-last GroupNorm checked for cancellation) moves results by float32
+# rounding.
 PATHS = ("exact", "fast")
 
 

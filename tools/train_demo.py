@@ -144,8 +144,8 @@ def learning_rate(step, peak, warmup=50):
 
 
 def trainable(model):
-    """The model on the fast path (the decoder's channels-last maps), with torch's GroupNorm, which autograd can follow (the fast
-    path's own normalisation writes into its input)."""
+    """The model on the fast path (the decoder's channels-last maps), with torch's GroupNorm, which autograd can
+    follow (the fast path's normalisation may write into its input)."""
     use_fast_path(model)
     for module in model.modules():
         if isinstance(module, GroupNorm):

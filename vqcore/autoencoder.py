@@ -12,10 +12,10 @@ Two ways to compute, chosen per model with `use_fast_path`:
 * exact (the default): the order of floating-point operations and the memory layout of intermediate tensors follow
   diffusers, so results are diffusers' bit for bit (on CPU a convolution gives slightly different results for a
   channels-last input than for a contiguous one, and the attention output is channels-last-strided);
-* fast (decoding only; see use_fast_path): feature maps are channels-last in memory, where CPU convolutions run faster, and upsampling with
-  its convolution runs as one transposed convolution of the input (Upsample). On CPU, GroupNorm is computed by the
-  pack's own two-pass statistics (torch's channels-last CPU kernel loses precision on maps with a large mean),
-  overwriting its input where nothing reads that later. Results move by float32 rounding and are as close to a
+* fast (decoding only; see use_fast_path): feature maps are channels-last in memory, where CPU convolutions run
+  faster, and upsampling with its convolution runs as one transposed convolution of the input (Upsample). On CPU,
+  GroupNorm is torch's channels-last kernel where its statistics show no cancellation and the pack's own two-pass
+  computation where they do (group_norm_channels_last). Results move by float32 rounding and are as close to a
   float64 computation as the exact path's (tests/test_autoencoder_parity.py); bench/bench_autoencoders.py times
   both, also with one core kept busy.
 Where it changes neither values nor layouts, work is done in place (activations, SpatialNorm's scale and shift).
@@ -442,8 +442,8 @@ def silu_(x):
 
 def use_fast_path(model, enabled=True):
     """Switches a VQModel's or AutoencoderKL's decoder to the fast path (channels-last feature maps, upsampling as a
-    transposed convolution; on CPU the pack's own GroupNorm, overwriting maps nothing reads later) or back to
-    diffusers' exact computation; returns the model.
+    transposed convolution; on CPU GroupNorm by group_norm_channels_last) or back to diffusers' exact computation;
+    returns the model.
 
     The encoder always computes exactly: channels-last made the ithq-shaped encoder (few channels at full resolution)
     slower than the exact path when another process kept a core busy (bench/bench_autoencoders.py), and an encoder
