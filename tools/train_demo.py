@@ -6,7 +6,8 @@ crops of the photographs scikit-image ships, and a small text-to-image VQ-Diffus
 
 Stages (each seeded on its own, so they can also run one at a time or side by side):
 * kl: AutoencoderKL in Stable Diffusion's shape (4 levels, f8, 4 latent channels, quant convs, mid-block attention)
-  with narrow channels; L2 + L1 reconstruction and a small KL term.
+  with narrow channels; L2 + L1 reconstruction and a small KL term. --kl-shuffle-colours puts each crop's RGB
+  channels in a random order: the photos' own hues alone (few greens and blues) left other photos' colours shifted.
 * vq: a VQModel (f4, 512 codes; EMA codebook with dead-code restarts) on photo crops.
 * shape-vq: the text-to-image model's own VQModel (f4, 128 codes) on shape pictures, starting from the photo VQ
   model's encoder and decoder (--shape-vq-init).
@@ -95,6 +96,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--kl-steps", type=int, default=KL_STEPS)
+    parser.add_argument("--kl-init", type=Path, help="AutoencoderKL folder of the same architecture to start from")
+    parser.add_argument("--kl-shuffle-colours", action="store_true",
+                        help="put each crop's RGB channels in a random order (every hue seen, not only the photos' own)")
     parser.add_argument("--vq-steps", type=int, default=VQ_STEPS)
     parser.add_argument("--shape-vq-steps", type=int, default=SHAPE_VQ_STEPS)
     parser.add_argument("--shape-vq-batch", type=int, default=SHAPE_VQ_BATCH)
@@ -199,13 +203,14 @@ def photo_pyramid():
     return pyramid
 
 
-def photo_batch(pyramid, count, rng):
+def photo_batch(pyramid, count, rng, shuffle_colours=False):
     crops = []
     for _ in range(count):
         image = pyramid[rng.integers(len(pyramid))]
         y, x = rng.integers(image.shape[0] - CROP + 1), rng.integers(image.shape[1] - CROP + 1)
         crop = image[y:y + CROP, x:x + CROP]
-        crops.append(crop[:, ::-1] if rng.random() < 0.5 else crop)
+        crop = crop[:, ::-1] if rng.random() < 0.5 else crop
+        crops.append(crop[..., rng.permutation(3)] if shuffle_colours else crop)
     return to_tensor(np.stack(crops))
 
 
@@ -231,15 +236,20 @@ def train_kl(args):
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     pyramid = photo_pyramid()
-    model = trainable(AutoencoderKL(**KL_CONFIG))
-    with torch.no_grad():  # start with small posterior noise: the reconstruction need not first learn to shrink it
-        model.quant_conv.bias[KL_CONFIG["latent_channels"]:] = -8.0
+    if args.kl_init is not None:
+        from vqcore.loading import load_autoencoder_kl
+
+        model = trainable(load_autoencoder_kl(args.kl_init, device="cpu"))
+    else:
+        model = trainable(AutoencoderKL(**KL_CONFIG))
+        with torch.no_grad():  # start with small posterior noise: the reconstruction need not first learn to shrink it
+            model.quant_conv.bias[KL_CONFIG["latent_channels"]:] = -8.0
     optimizer = torch.optim.AdamW(model.parameters(), lr=KL_LR, betas=(0.9, 0.99), weight_decay=0.0)
     average = WeightAverage(model.state_dict().values())
     log = Log(args.work / "kl.log", args.kl_steps)
     for step in range(args.kl_steps):
         set_lr(optimizer, learning_rate(step, KL_LR))
-        x = photo_batch(pyramid, KL_BATCH, rng)
+        x = photo_batch(pyramid, KL_BATCH, rng, args.kl_shuffle_colours)
         posterior = model.encode(x)
         y = model.decode(posterior.sample())
         kl = posterior.kl().mean() / x[0].numel()
