@@ -34,7 +34,7 @@ from vqcore.vq_diffusion import load_vq_diffusion  # noqa: E402
 
 MODELS = TRAINED_FOLDER / "models"
 PHOTO = TRAINED_FOLDER / "input" / DEMO_PHOTO
-SAMPLING = dict(steps=25, mode="fast", truncation_rate=0.86, guidance_scale=2.0)
+SAMPLING = dict(steps=25, mode="fast", truncation_rate=0.86, guidance_scale=5.0)
 PROMPTS = [("circle", "red", "in the top left", "white"), ("square", "blue", "in the center", "gray"),
            ("triangle", "yellow", "in the bottom right", "black"), ("circle", "green", "in the bottom left", "gray"),
            ("square", "purple", "in the top right", "white"), ("triangle", "red", None, None)]

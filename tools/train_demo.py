@@ -107,6 +107,11 @@ def main(argv=None):
                         help="VQModel folder whose encoder and decoder the shape VQ model starts from (not its codebook)")
     parser.add_argument("--diffusion-steps", type=int, default=DIFFUSION_STEPS)
     parser.add_argument("--diffusion-samples", type=int, default=6000, help="shape pictures in the data set")
+    parser.add_argument("--diffusion-lr", type=float, default=DIFFUSION_LR)
+    parser.add_argument("--diffusion-init", type=Path,
+                        help="VQ-Diffusion pipeline folder whose transformer, text encoder and null embeddings to start from")
+    parser.add_argument("--guided-weight", type=float, default=0.0,
+                        help="weight of the guided x0 cross-entropy (see guided_cross_entropy); 0 leaves it out")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -364,6 +369,7 @@ def shape_batch(count, rng):
 
 DIFFUSION_BATCH, DIFFUSION_LR = 32, 2e-3
 TEXT_DROPOUT, AUX_WEIGHT = 0.1, 1.0
+GUIDANCE_RANGE = (1.0, 6.0)  # the scales the guided cross-entropy trains for, drawn uniformly per sample
 
 
 def train_vq_diffusion(args, vq):
@@ -390,13 +396,15 @@ def train_vq_diffusion(args, vq):
     transformer = VQDiffusionTransformer.from_config(TRANSFORMER_CONFIG).train()
     text_model = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)).train()
     null_embeddings = torch.nn.Parameter(torch.randn(MAX_LENGTH, TEXT_CONFIG["hidden_size"]) * 0.02)
+    if args.diffusion_init is not None:
+        start_from_pipeline(args.diffusion_init, transformer, text_model, null_embeddings)
     parameters = [*transformer.parameters(), *text_model.parameters(), null_embeddings]
-    optimizer = torch.optim.AdamW(parameters, lr=DIFFUSION_LR, betas=(0.9, 0.99), weight_decay=0.01)
+    optimizer = torch.optim.AdamW(parameters, lr=args.diffusion_lr, betas=(0.9, 0.99), weight_decay=0.01)
     average = WeightAverage(parameters)
     steps = args.diffusion_steps
     log = Log(args.work / "diffusion.log", steps)
     for step in range(steps):
-        set_lr(optimizer, learning_rate(step, DIFFUSION_LR, warmup=50))
+        set_lr(optimizer, learning_rate(step, args.diffusion_lr, warmup=50))
         batch = torch.from_numpy(rng.integers(len(tokens), size=DIFFUSION_BATCH))
         x0 = tokens[batch]
         text = text_embeddings(text_model, ids[caption_index[batch]])
@@ -407,6 +415,10 @@ def train_vq_diffusion(args, vq):
         log_x0 = x0_log_probs(transformer, x_t, context, t)
         kl, ce = diffusion_losses(scheduler, log_x0, x0, x_t, t)
         loss = kl + AUX_WEIGHT * ce
+        if args.guided_weight:
+            log_uncond = x0_log_probs(transformer, x_t, null_embeddings.expand_as(text), t)
+            guided = guided_cross_entropy(log_x0, log_uncond, x0, rng)  # (for dropped texts: the unconditional CE)
+            loss = loss + args.guided_weight * guided
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -421,6 +433,18 @@ def train_vq_diffusion(args, vq):
             average.swap()
             if log.saved(step + 1):
                 break
+
+
+def start_from_pipeline(folder, transformer, text_model, null_embeddings):
+    """Loads a saved pipeline's trainable parts (fp16 files) into the float32 modules."""
+    from safetensors.torch import load_file
+
+    transformer.load_state_dict(load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    text_state = {k.removeprefix("text_model."): v for k, v in load_file(folder / "text_encoder" / "model.safetensors").items()}
+    missing, unexpected = text_model.load_state_dict(text_state, strict=False)
+    assert not unexpected and all(k.endswith("position_ids") for k in missing), (missing, unexpected)
+    with torch.no_grad():
+        null_embeddings.copy_(load_file(folder / NULL_EMBEDDINGS / "diffusion_pytorch_model.safetensors")["embeddings"])
 
 
 def text_embeddings(text_model, ids):
@@ -449,6 +473,19 @@ def x0_log_probs(transformer, tokens, context, t):
         h = projection.proj(block.norm3(hidden))
         hidden = hidden + output(h * torch.sigmoid(1.702 * h))  # geglu-approximate, the original's GELU2
     return F.log_softmax(transformer.out(transformer.norm_out(hidden)), dim=-1).transpose(1, 2)
+
+
+def guided_cross_entropy(log_cond, log_uncond, x0, rng):
+    """-log of x0 under the classifier-free guided prediction the sampler forms, uncond + s (cond - uncond) renormalised,
+    at a random scale s per sample.
+
+    The diffusion losses train each prediction alone. Classes that both predictions rule out then differ between them
+    by chance, by several nats, and guidance multiplies that difference by s - 1 until such a class wins (the small
+    model's images collapse at diffusers' default of 5). This term trains the guided prediction itself.
+    """
+    scale = torch.from_numpy(rng.uniform(*GUIDANCE_RANGE, size=x0.shape[0])).float().view(-1, 1, 1)
+    guided = F.log_softmax(log_uncond + scale * (log_cond - log_uncond), dim=1)
+    return -guided.gather(1, x0[:, None]).mean()
 
 
 def ada_norm(norm, x, t):
