@@ -3,6 +3,7 @@
     python tools/demo_pictures.py docs/demo
         roundtrip.jpg    the demo photo, its KL f8 roundtrip and its VQ f4 roundtrip
         prompts.png      text-to-image, 4 images for each of several prompts (pictures enlarged 4x)
+        guidance.png     the same seeds at guidance 1 (no guidance) and 5 for a few prompts
         inpainting.png   token inpainting: a generated picture, the masked quarter, the result for a new prompt
     python tools/demo_pictures.py docs/demo --comfyui COMFYUI_DIR     (a ComfyUI tree: its comfy.utils is imported)
         tiled.jpg        a 2048x2048 decode of the demo photo's latents, tile 256: our seamless tiled decode and
@@ -38,6 +39,8 @@ SAMPLING = dict(steps=25, mode="fast", truncation_rate=0.86, guidance_scale=5.0)
 PROMPTS = [("circle", "red", "in the top left", "white"), ("square", "blue", "in the center", "gray"),
            ("triangle", "yellow", "in the bottom right", "black"), ("circle", "green", "in the bottom left", "gray"),
            ("square", "purple", "in the top right", "white"), ("triangle", "red", None, None)]
+GUIDANCE_PROMPTS = [("triangle", "green", "in the top left", "black"), ("square", "yellow", "in the bottom right", "gray"),
+                    ("circle", "purple", "in the center", "white")]
 INPAINT = (("square", "blue", "in the top left", "white"), ("circle", "red", "in the top left", "white"))
 ENLARGE = 4
 TILED_SIZE, TILE, CORE_OVERLAP = 2048, 256, 64  # VAE Decode (Tiled): tile_size 256, overlap 64 (its default)
@@ -104,6 +107,16 @@ def prompts_picture(model, out):
         tokens = model.generate([prompt], num_images_per_prompt=4, seed=0, **SAMPLING)
         rows.append(labelled_row([enlarge(p) for p in to_uint8(model.decode(tokens))], prompt))
     stack(rows).save(out / "prompts.png")
+
+
+def guidance_picture(model, out):
+    rows = []
+    for spec in GUIDANCE_PROMPTS:
+        prompt = caption(*spec)
+        for scale in (1.0, SAMPLING["guidance_scale"]):
+            tokens = model.generate([prompt], num_images_per_prompt=4, seed=0, **{**SAMPLING, "guidance_scale": scale})
+            rows.append(labelled_row([enlarge(p) for p in to_uint8(model.decode(tokens))], f"guidance {scale:g}: {prompt}"))
+    stack(rows).save(out / "guidance.png")
 
 
 def inpainting_picture(model, out):
@@ -180,6 +193,7 @@ def main():
     roundtrip_picture(args.out)
     model = shapes_model()
     prompts_picture(model, args.out)
+    guidance_picture(model, args.out)
     inpainting_picture(model, args.out)
 
 
