@@ -436,15 +436,14 @@ def train_vq_diffusion(args, vq):
 
 
 def start_from_pipeline(folder, transformer, text_model, null_embeddings):
-    """Loads a saved pipeline's trainable parts (fp16 files) into the float32 modules."""
-    from safetensors.torch import load_file
+    """Starts the float32 modules from a saved pipeline's trainable parts, read by vqcore's loader."""
+    from vqcore.vq_diffusion import load_vq_diffusion
 
-    transformer.load_state_dict(load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
-    text_state = {k.removeprefix("text_model."): v for k, v in load_file(folder / "text_encoder" / "model.safetensors").items()}
-    missing, unexpected = text_model.load_state_dict(text_state, strict=False)
-    assert not unexpected and all(k.endswith("position_ids") for k in missing), (missing, unexpected)
+    saved = load_vq_diffusion(folder, device="cpu")
+    transformer.load_state_dict(saved.transformer.state_dict())
+    text_model.load_state_dict(saved.text_encoder.text_model.state_dict())
     with torch.no_grad():
-        null_embeddings.copy_(load_file(folder / NULL_EMBEDDINGS / "diffusion_pytorch_model.safetensors")["embeddings"])
+        null_embeddings.copy_(saved.null_embeddings)
 
 
 def text_embeddings(text_model, ids):
