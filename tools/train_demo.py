@@ -264,7 +264,8 @@ def train_kl(args):
         optimizer.step()
         average.update(step)
         if step % 10 == 0:
-            log(step, loss=float(loss), psnr=psnr(y.detach(), x), kl=float(kl), logvar=float(posterior.logvar.mean()))
+            log(step, loss=float(loss.detach()), psnr=psnr(y.detach(), x), kl=float(kl.detach()),
+                logvar=float(posterior.logvar.detach().mean()))
         if (step + 1) % SAVE_EVERY == 0 or step + 1 == args.kl_steps:
             average.swap()
             write_diffusers_folder(args.out / KL_NAME, model)
@@ -333,7 +334,7 @@ def train_vq(args, config, steps, batch, peak, photos, seed, save, init=None):
                 embed_sum[dead] = fresh
                 cluster_size[dead] = 1.0
         if step % 10 == 0:
-            log(step, loss=float(loss), psnr=psnr(y.detach(), x), commitment=float(commitment),
+            log(step, loss=float(loss.detach()), psnr=psnr(y.detach(), x), commitment=float(commitment.detach()),
                 used=float(indices.unique().numel()), dead=float(dead.sum()))
         if (step + 1) % SAVE_EVERY == 0 or step + 1 == steps:
             save(model, step + 1)
@@ -426,7 +427,7 @@ def train_vq_diffusion(args, vq):
         average.update(step)
         if step % 10 == 0:
             accuracy = float((log_x0.argmax(1) == x0).float().mean())
-            log(step, loss=float(loss), kl=float(kl), ce=float(ce), x0_accuracy=accuracy)
+            log(step, loss=float(loss.detach()), kl=float(kl.detach()), ce=float(ce.detach()), x0_accuracy=accuracy)
         if (step + 1) % SAVE_EVERY == 0 or step + 1 == steps:
             average.swap()
             save_vq_diffusion(folder, transformer, text_model, null_embeddings)
