@@ -136,9 +136,10 @@ class Log:
         self.stop = path.with_suffix(".stop")
 
     def __call__(self, step, **values):
+        """values: numbers or scalar tensors (detached here, so a loss can be logged as it is)."""
         elapsed = time.perf_counter() - self.started
         text = (f"step {step}/{self.total} {elapsed:7.0f} s {time.process_time():7.0f} cpu-s "
-                + " ".join(f"{k} {v:.4f}" for k, v in values.items()))
+                + " ".join(f"{k} {float(torch.as_tensor(v).detach()):.4f}" for k, v in values.items()))
         print(text, file=self.file, flush=True)
 
     def saved(self, step):
@@ -264,8 +265,7 @@ def train_kl(args):
         optimizer.step()
         average.update(step)
         if step % 10 == 0:
-            log(step, loss=float(loss.detach()), psnr=psnr(y.detach(), x), kl=float(kl.detach()),
-                logvar=float(posterior.logvar.detach().mean()))
+            log(step, loss=loss, psnr=psnr(y.detach(), x), kl=kl, logvar=posterior.logvar.mean())
         if (step + 1) % SAVE_EVERY == 0 or step + 1 == args.kl_steps:
             average.swap()
             write_diffusers_folder(args.out / KL_NAME, model)
@@ -334,7 +334,7 @@ def train_vq(args, config, steps, batch, peak, photos, seed, save, init=None):
                 embed_sum[dead] = fresh
                 cluster_size[dead] = 1.0
         if step % 10 == 0:
-            log(step, loss=float(loss.detach()), psnr=psnr(y.detach(), x), commitment=float(commitment.detach()),
+            log(step, loss=loss, psnr=psnr(y.detach(), x), commitment=commitment,
                 used=float(indices.unique().numel()), dead=float(dead.sum()))
         if (step + 1) % SAVE_EVERY == 0 or step + 1 == steps:
             save(model, step + 1)
@@ -427,7 +427,7 @@ def train_vq_diffusion(args, vq):
         average.update(step)
         if step % 10 == 0:
             accuracy = float((log_x0.argmax(1) == x0).float().mean())
-            log(step, loss=float(loss.detach()), kl=float(kl.detach()), ce=float(ce.detach()), x0_accuracy=accuracy)
+            log(step, loss=loss, kl=kl, ce=ce, x0_accuracy=accuracy)
         if (step + 1) % SAVE_EVERY == 0 or step + 1 == steps:
             average.swap()
             save_vq_diffusion(folder, transformer, text_model, null_embeddings)
