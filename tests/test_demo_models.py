@@ -104,8 +104,15 @@ def bicubic_baseline(image):
     return small.resize(image.size, Image.BICUBIC)
 
 
+def from_pictures(pictures):
+    """uint8 pictures (B, H, W, 3), or one (H, W, 3), as model input (B, 3, H, W) in [-1, 1]: to_pictures' inverse."""
+    pictures = np.array(pictures)  # a copy: PIL's and rendered arrays can be read-only
+    pictures = pictures[None] if pictures.ndim == 3 else pictures
+    return torch.from_numpy(pictures).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def roundtrip(model, image):
-    x = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    x = from_pictures(image)
     with torch.inference_mode():
         if hasattr(model, "quantize"):
             y = model.decode(model.quantize(model.encode(x))[0], force_not_quantize=True)
@@ -223,11 +230,7 @@ def test_shape_vq_roundtrip_keeps_the_shape(shapes_model):
     one trained from scratch for 1500 steps kept 83 %)."""
     rng = np.random.default_rng(2)
     specs = [sample_caption(rng)[0] for _ in range(300)]
-    pictures = np.stack([render_shape(spec) for spec in specs])
-    vq = shapes_model.vqvae
-    with torch.no_grad():
-        x = torch.from_numpy(pictures).permute(0, 3, 1, 2).float() / 127.5 - 1
-        tokens = vq.quantize(vq.encode(x))[2]
+    tokens = shape_tokens(shapes_model, np.stack([render_shape(spec) for spec in specs]))
     kept = np.mean([analyse(p)["shape"] == s["shape"] for p, s in zip(to_pictures(shapes_model, tokens), specs)])
     print(f"shape VQ roundtrip: the shape is kept in {kept:.1%} of 300 pictures (bar {SHAPE_ROUNDTRIP_BAR:.0%})")
     assert kept >= SHAPE_ROUNDTRIP_BAR, f"the shape VQ keeps the shape in {kept:.1%} of its roundtrips"
@@ -250,6 +253,12 @@ def use_fast_path_model(model):
 def to_pictures(model, tokens):
     images = model.decode(tokens)
     return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def shape_tokens(model, pictures):
+    """The shape VQ model's tokens (B, h, w) of uint8 pictures."""
+    with torch.inference_mode():
+        return model.vqvae.quantize(model.vqvae.encode(from_pictures(pictures)))[2]
 
 
 def agreement(model, guidance_scale, seed=0):
@@ -296,9 +305,7 @@ def test_token_inpainting_replaces_the_shape_and_keeps_the_rest(shapes_model):
     grid = model.transformer.height
     for index, (old, new) in enumerate(INPAINT_CASES):
         picture = render_shape({**old, "half_size": 0.19, "centre": POSITIONS[old["position"]]})
-        x = torch.from_numpy(picture).permute(2, 0, 1)[None].float() / 127.5 - 1
-        with torch.inference_mode():
-            given = model.vqvae.quantize(model.vqvae.encode(x))[2]
+        given = shape_tokens(model, picture)
         mask = quadrant_mask(new["position"], grid)
         for seed in range(INPAINT_SEEDS):
             tokens = model.generate([caption(new["shape"], new["colour"], new["position"], new["background"])],
@@ -319,7 +326,7 @@ MAX_TILE_DIFFERENCE = 2e-3  # on the 0..1 scale
 def test_tiled_decode_of_a_large_photo_equals_the_full_decode(photo_models):
     model = use_fast_path(photo_models["KL"])
     photo = fit(held_out_photo(*HELD_OUT[2]), (TILED_SIZE, TILED_SIZE))
-    x = torch.from_numpy(np.asarray(photo)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    x = from_pictures(photo)
     with torch.inference_mode():
         latents = model.encode(x).mode()
         del x
