@@ -291,6 +291,11 @@ INPAINT_CASES = [  # (the picture's shape, what the masked quadrant should show 
 ]
 
 
+def render_in_place(spec):
+    """The picture of a caption spec's shape at its position's own centre, in a size that fits the quadrant."""
+    return render_shape({**spec, "half_size": 0.19, "centre": POSITIONS[spec["position"]]})
+
+
 def quadrant_mask(position, grid):
     mask = torch.zeros(grid, grid, dtype=torch.bool)
     half = grid // 2
@@ -304,8 +309,7 @@ def test_token_inpainting_replaces_the_shape_and_keeps_the_rest(shapes_model):
     model, results = shapes_model, []
     grid = model.transformer.height
     for index, (old, new) in enumerate(INPAINT_CASES):
-        picture = render_shape({**old, "half_size": 0.19, "centre": POSITIONS[old["position"]]})
-        given = shape_tokens(model, picture)
+        given = shape_tokens(model, render_in_place(old))
         mask = quadrant_mask(new["position"], grid)
         for seed in range(INPAINT_SEEDS):
             tokens = model.generate([caption(new["shape"], new["colour"], new["position"], new["background"])],
@@ -335,8 +339,7 @@ def test_shape_vq_decodes_new_tokens_among_old_ones(shapes_model):
                           "background": background})
 
     def tokens(specs):
-        pictures = [render_shape({**spec, "half_size": 0.19, "centre": POSITIONS[spec["position"]]}) for spec in specs]
-        return shape_tokens(shapes_model, np.stack(pictures))
+        return shape_tokens(shapes_model, np.stack([render_in_place(spec) for spec in specs]))
 
     quadrants = torch.stack([quadrant_mask(spec["position"], shapes_model.transformer.height) for spec in news])
     spliced = torch.where(quadrants, tokens(news), tokens(olds))
